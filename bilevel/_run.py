@@ -52,19 +52,16 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int):
   """``length`` steps of ``solver``; steps ``>= num_active`` leave ``state``.
 
   The padding keeps one compiled chunk for every chunk of a run, the last one
-  included, so ``step`` is traced once.
+  included, and ``step`` is traced exactly once per compilation. A padded
+  step is computed and discarded (a select, not a branch, so the step is not
+  traced twice); only the last chunk of a run has padded steps.
   """
-  info_shape = jax.eval_shape(solver.step, state, data)[1]
-
   def body(state_, index):
-    def active(s):
-      return solver.step(s, data)
-
-    def inactive(s):
-      return s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                             info_shape)
-
-    return jax.lax.cond(index < num_active, active, inactive, state_)
+    stepped, info = solver.step(state_, data)
+    keep = index < num_active
+    state_ = jax.tree.map(lambda new, old: jnp.where(keep, new, old),
+                          stepped, state_)
+    return state_, info
 
   return jax.lax.scan(body, state, jnp.arange(length))
 
