@@ -6,12 +6,13 @@ a pytree: the arrays are traced arguments of the compiled step, never constants
 baked into the program; the batch sizes are static metadata.
 
 Sampling happens inside the jitted step. Each level has its own stream of
-sample indices, the concatenation of independent random permutations of
-``0..n-1``: batch ``k`` takes stream positions ``[k b, (k + 1) b)``. Every
-epoch (``n`` consecutive positions starting at a multiple of ``n``) therefore
-visits every sample exactly once, also when ``b`` does not divide ``n`` (a
-batch may straddle two epochs). The state is two permutations, a position and
-a key, so sampling is pure and its position is part of the solver state.
+sample indices, the concatenation of pseudo-random permutations of
+``0..n-1``, a new one each epoch: batch ``k`` takes stream positions
+``[k b, (k + 1) b)``. Every epoch (``n`` consecutive positions starting at a
+multiple of ``n``) therefore visits every sample exactly once, also when
+``b`` does not divide ``n`` (a batch may straddle two epochs). The state is a
+key, a position and an epoch count, so sampling is pure, its position is part
+of the solver state, and a batch costs ``O(b)`` (see :func:`index_shuffle`).
 """
 
 from __future__ import annotations
@@ -107,12 +108,15 @@ def batch_spec(arrays: PyTree, batch_size: int | None) -> PyTree:
 
 
 class StreamState(NamedTuple):
-  """Position in one level's stream of shuffled sample indices."""
-  order: jax.Array        # current epoch's permutation, (n,)
-  next_order: jax.Array   # the next epoch's permutation, (n,)
-  position: jax.Array     # int32 in [0, n): next index to read in `order`
-  key: jax.Array          # key for the permutation after `next_order`
-  epoch: jax.Array        # int32, epochs completed
+  """Position in one level's stream of shuffled sample indices.
+
+  The permutation of epoch ``e`` is a Feistel permutation (see
+  :func:`index_shuffle`) whose round keys hash ``(seed, e)``: nothing of size
+  ``n`` is stored or re-sorted.
+  """
+  seed: jax.Array      # uint32[2], drawn from the key given to init
+  position: jax.Array  # int32 in [0, n): next position in the current epoch
+  epoch: jax.Array     # int32, epochs completed
 
 
 class SamplerState(NamedTuple):
@@ -121,13 +125,95 @@ class SamplerState(NamedTuple):
   lower: StreamState | None
 
 
-def _init_stream(n: int, key: jax.Array) -> StreamState:
-  key, first, second = jax.random.split(key, 3)
-  return StreamState(
-      order=jax.random.permutation(first, n),
-      next_order=jax.random.permutation(second, n),
-      position=jnp.zeros((), jnp.int32), key=key,
-      epoch=jnp.zeros((), jnp.int32))
+_NUM_ROUNDS = 8
+
+
+def _mix32(value: jax.Array) -> jax.Array:
+  """A 32-bit integer hash with good avalanche (xor-shift-multiply)."""
+  value = value ^ (value >> 16)
+  value = value * jnp.uint32(0x7FEB352D)
+  value = value ^ (value >> 15)
+  value = value * jnp.uint32(0x846CA68B)
+  return value ^ (value >> 16)
+
+
+def _round_keys(seed: jax.Array, epoch: jax.Array) -> jax.Array:
+  """The Feistel round keys of ``epoch``, hashed from the stream's seed."""
+  rounds = jnp.arange(_NUM_ROUNDS, dtype=jnp.uint32)
+  epoch = jnp.asarray(epoch).astype(jnp.uint32)
+  return _mix32(seed[0] ^ _mix32(
+      (seed[1] + epoch * jnp.uint32(0x9E3779B9)) ^ _mix32(
+          rounds * jnp.uint32(0x632BE5AB) + jnp.uint32(1))))
+
+
+def _feistel_shuffle(index: jax.Array, round_keys: jax.Array, n: int
+                     ) -> jax.Array:
+  """:func:`index_shuffle` with explicit round keys, shaped
+  ``(_NUM_ROUNDS,) + index.shape`` or ``(_NUM_ROUNDS,)``."""
+  if n == 1:
+    return jnp.zeros(index.shape, jnp.int32)
+  num_bits = int(n - 1).bit_length()  # 2**num_bits is in [n, 2n)
+  high_bits = num_bits // 2
+  low_bits = num_bits - high_bits
+
+  def permute(value):
+    # Unbalanced Feistel rounds on (high, low) bit fields whose widths swap
+    # at each round: (h, l) -> (l, h ^ F(l)), a bijection of [0, 2**bits).
+    widths = (high_bits, low_bits)
+    for r in range(_NUM_ROUNDS):
+      high_width, low_width = widths
+      high = value >> low_width
+      low = value & jnp.uint32((1 << low_width) - 1)
+      mixed = high ^ (_mix32(low ^ round_keys[r])
+                      & jnp.uint32((1 << high_width) - 1))
+      value = (low << high_width) | mixed
+      widths = (low_width, high_width)
+    return value
+
+  def walk(value):
+    # One cycle-walking step: values already in [0, n) stay where they are.
+    return jnp.where(value >= n, permute(value), value)
+
+  value = permute(index.astype(jnp.uint32))
+  value = jax.lax.while_loop(lambda v: jnp.any(v >= n), walk, value)
+  return value.astype(jnp.int32)
+
+
+def index_shuffle(index: jax.Array, key: jax.Array, n: int) -> jax.Array:
+  """Image of ``index`` under a key-dependent pseudo-random permutation.
+
+  A Feistel network of :data:`_NUM_ROUNDS` rounds (eight: with four, the
+  Luby-Rackoff count, or six, the images of small domains such as ``n = 10``
+  fail chi-square tests of uniformity) permutes ``[0, 2^k)``
+  with ``2^k`` the smallest power of two not below ``n``; cycle walking
+  (re-applying it while the image is ``>= n``, fewer than two times on
+  average) restricts it to a permutation of ``[0, n)``. Each index costs a
+  few integer operations, so a minibatch of ``b`` indices costs ``O(b)``
+  whatever ``n``, where shuffling a whole epoch (``jax.random.permutation``,
+  a sort) costs ``O(n log n)`` at every epoch boundary.
+
+  Args:
+    index: int array of positions in ``[0, n)``.
+    key: PRNG key choosing the permutation.
+    n: size of the permuted range (static).
+
+  Returns:
+    int32 array of the same shape, a bijection of ``[0, n)`` for fixed
+    ``key``.
+
+  References:
+    Luby & Rackoff, "How to construct pseudorandom permutations from
+    pseudorandom functions", SIAM J. Comput., 1988. Black & Rogaway,
+    "Ciphers with arbitrary finite domains" (cycle walking), CT-RSA 2002.
+  """
+  seed = jax.random.bits(key, (2,), dtype=jnp.uint32)
+  return _feistel_shuffle(index, _round_keys(seed, 0), n)
+
+
+def _init_stream(key: jax.Array) -> StreamState:
+  return StreamState(seed=jax.random.bits(key, (2,), dtype=jnp.uint32),
+                     position=jnp.zeros((), jnp.int32),
+                     epoch=jnp.zeros((), jnp.int32))
 
 
 def init_sampler(data: Data | None, key: jax.Array | None) -> SamplerState:
@@ -144,28 +230,28 @@ def init_sampler(data: Data | None, key: jax.Array | None) -> SamplerState:
       raise ValueError("A key is needed to shuffle minibatches: pass "
                        "key=jax.random.key(seed) to init (or to bilevel.run).")
     key, subkey = jax.random.split(key)
-    streams.append(_init_stream(num_samples(arrays), subkey))
+    streams.append(_init_stream(subkey))
   return SamplerState(*streams)
 
 
 def _draw(stream: StreamState, arrays: PyTree, batch_size: int):
-  n = stream.order.shape[0]
-  positions = stream.position + jnp.arange(batch_size)
-  indices = jnp.where(positions < n, stream.order[positions % n],
-                      stream.next_order[positions % n])
+  n = num_samples(arrays)
+  positions = stream.position + jnp.arange(batch_size, dtype=jnp.int32)
+  wraps = positions >= n
+  local = jnp.where(wraps, positions - n, positions)
+  # Each position is shuffled with the round keys of its own epoch.
+  this_epoch = _round_keys(stream.seed, stream.epoch)
+  next_epoch = _round_keys(stream.seed, stream.epoch + 1)
+  round_keys = jnp.where(wraps[None, :], next_epoch[:, None],
+                         this_epoch[:, None])
+  indices = _feistel_shuffle(local, round_keys, n)
   batch = jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), arrays)
   position = stream.position + batch_size
   wrapped = position >= n
-
-  def next_epoch(s):
-    key, subkey = jax.random.split(s.key)
-    return StreamState(s.next_order, jax.random.permutation(subkey, n),
-                       position - n, key, s.epoch + 1)
-
-  def same_epoch(s):
-    return s._replace(position=position)
-
-  return batch, jax.lax.cond(wrapped, next_epoch, same_epoch, stream)
+  stream = StreamState(
+      seed=stream.seed, position=jnp.where(wrapped, position - n, position),
+      epoch=stream.epoch + wrapped.astype(jnp.int32))
+  return batch, stream
 
 
 def sample(sampler: SamplerState, data: Data | None, level: str):

@@ -95,3 +95,38 @@ def test_key_required_for_minibatches():
   data = bilevel.Data(lower={"a": jnp.ones(5)}, lower_batch_size=2)
   with pytest.raises(ValueError, match="key"):
     _data.init_sampler(data, None)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 100, 1000, 49990])
+def test_index_shuffle_is_a_bijection(n):
+  for seed in range(3):
+    image = _data.index_shuffle(jnp.arange(n), jax.random.key(seed), n)
+    np.testing.assert_array_equal(np.sort(np.asarray(image)), np.arange(n))
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_index_shuffle_is_close_to_uniform(n):
+  """Where indices 0, 1, 2 land over 20,000 keys: chi-square tests."""
+  num_keys, bins = 20000, 10
+  keys = jax.random.split(jax.random.key(0), num_keys)
+  images = np.asarray(jax.vmap(
+      lambda k: _data.index_shuffle(jnp.arange(3), k, n))(keys))
+  expected = num_keys / bins
+  for column in range(3):
+    counts = np.bincount(images[:, column] * bins // n, minlength=bins)
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 27.9, (column, counts)  # 99.9% quantile, 9 dof
+  # Index 0 and index 1 land in independent places: the 90 ordered pairs of
+  # bins (n = 10: of values) are equally likely.
+  pairs = (images[:, 0] * bins // n) * bins + images[:, 1] * bins // n
+  counts = np.bincount(pairs, minlength=bins * bins).reshape(bins, bins)
+  if n == bins:
+    counts = counts[~np.eye(bins, dtype=bool)]
+    expected = num_keys / (bins * (bins - 1))
+    quantile = 137.0  # 99.9%, 89 dof
+  else:
+    counts = counts.ravel()
+    expected = num_keys / bins ** 2
+    quantile = 148.2  # 99.9%, 99 dof (approximately independent)
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  assert chi2 < quantile, chi2
