@@ -102,20 +102,24 @@ def lower_loop(problem: Problem, optimizer: optax.GradientTransformation,
                num_steps: int):
   """``num_steps`` lower optimizer steps, each on a fresh lower minibatch.
 
+  The minibatches are drawn before the loop and scanned over (drawing inside
+  the loop body costs more on CPU).
+
   Returns:
     ``(y, opt_state, sampler, lower_grad_norm)`` with the gradient norm of
     the last step (before it).
   """
-  def body(carry, _):
-    y_, opt_state_, sampler_, _ = carry
-    batch, sampler_ = _data.sample(sampler_, data, "lower")
-    y_, opt_state_, grad_norm = lower_descent(problem, optimizer, x, y_,
-                                              opt_state_, batch)
-    return (y_, opt_state_, sampler_, grad_norm), None
+  fixed_batch, batches, sampler = lower_batches(sampler, data, num_steps)
 
-  init = (y, opt_state, sampler, optax.tree.norm(y) * 0.0)
-  carry, _ = jax.lax.scan(body, init, None, length=num_steps)
-  return carry
+  def body(carry, batch):
+    y_, opt_state_, _ = carry
+    batch = fixed_batch if batches is None else batch
+    return lower_descent(problem, optimizer, x, y_, opt_state_, batch), None
+
+  init = (y, opt_state, optax.tree.norm(y) * 0.0)
+  (y, opt_state, grad_norm), _ = jax.lax.scan(body, init, batches,
+                                              length=num_steps)
+  return y, opt_state, sampler, grad_norm
 
 
 def lower_batches(sampler, data, num: int):

@@ -93,16 +93,19 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
     upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
         problem, x, y, upper_batch)
 
-    def linear_step(carry, _):
-      v, opt_state, sampler_ = carry
-      batch, sampler_ = _data.sample(sampler_, data, "lower")
+    fixed_batch, batches, sampler = _base.lower_batches(
+        sampler, data, num_linear_steps)
+
+    def linear_step(carry, batch):
+      v, opt_state = carry
+      batch = fixed_batch if batches is None else batch
       hv = derivatives.lower_hvp(problem, x, y, v, batch)
       updates, opt_state = linear_optimizer.update(
           optax.tree.sub(hv, grad_y_f), opt_state, v)
-      return (optax.apply_updates(v, updates), opt_state, sampler_), None
+      return (optax.apply_updates(v, updates), opt_state), None
 
-    (v, linear_opt_state, sampler), _ = jax.lax.scan(
-        linear_step, (state.v, state.linear_opt_state, sampler), None,
+    (v, linear_opt_state), _ = jax.lax.scan(
+        linear_step, (state.v, state.linear_opt_state), batches,
         length=num_linear_steps)
     cross_batch, sampler = _data.sample(sampler, data, "lower")
     _, hv, cross = derivatives.lower_hvp_and_cross(problem, x, y, v,
