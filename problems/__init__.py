@@ -6,6 +6,10 @@ solution, hypergradient, value function and minimiser.
 """
 
 from problems._base import Instance
+from problems.hyper_cleaning import hyper_cleaning, hyper_cleaning_data
+from problems.logistic import logistic_regularization
 from problems.quadratic import quadratic
+from problems.ridge import ridge
 
-__all__ = ["Instance", "quadratic"]
+__all__ = ["Instance", "hyper_cleaning", "hyper_cleaning_data",
+           "logistic_regularization", "quadratic", "ridge"]

@@ -141,3 +141,38 @@ def test_unrolled_uses_one_batch_per_step():
     return instance.problem.upper(x_, y_, None)
 
   np.testing.assert_allclose(got, jax.grad(manual)(x), rtol=1e-12)
+
+
+def test_aid_matches_jaxopt_implicit_diff_on_logistic():
+  """Cross-check against jaxopt's custom_root on the logistic problem."""
+  import warnings  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import jaxopt  # pylint: disable=import-outside-toplevel
+  from problems.logistic import logistic_regularization  # pylint: disable=import-outside-toplevel
+
+  instance = logistic_regularization(jax.random.key(0),
+                                     dataset="breast_cancer")
+  problem = instance.problem
+  upper_batch, lower_batch = instance.data.upper, instance.data.lower
+  x = instance.x0 + jnp.linspace(-1.0, 1.0, instance.x0.shape[0])
+  y = instance.lower_solution(x)
+
+  def optimality(y_, x_):
+    return jax.grad(problem.lower, 1)(x_, y_, lower_batch)
+
+  @jaxopt.implicit_diff.custom_root(
+      optimality, solve=functools.partial(jaxopt.linear_solve.solve_cg,
+                                          tol=1e-14, maxiter=500))
+  def inner(y_init, x_):
+    del y_init
+    return jax.lax.stop_gradient(instance.lower_solution(x_))
+
+  reference = jax.grad(
+      lambda x_: problem.upper(x_, inner(y, x_), upper_batch))(x)
+  ours = bilevel.implicit_hypergradient(
+      problem, x, y, upper_batch, lower_batch,
+      linear_solver=bilevel.linear_solve.cg(tol=1e-14, maxiter=500))
+  assert _relative_error(ours, reference) <= 1e-8
+  assert _relative_error(ours, instance.hypergradient(x)) <= 1e-8
