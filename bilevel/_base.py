@@ -97,6 +97,22 @@ def update_x(problem: Problem, optimizer: optax.GradientTransformation,
   return problem.projected_x(optax.apply_updates(x, updates)), opt_state
 
 
+def upper_step(problem: Problem, optimizer: optax.GradientTransformation,
+               hypergradient: PyTree, opt_state, x: PyTree, *, upper_loss,
+               lower_grad_norm, linear_residual_norm):
+  """:func:`update_x` and the step's :class:`HypergradientInfo`.
+
+  Returns:
+    ``(x, opt_state, info)``.
+  """
+  x, opt_state = update_x(problem, optimizer, hypergradient, opt_state, x)
+  info = HypergradientInfo(
+      upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
+      hypergradient_norm=optax.tree.norm(hypergradient),
+      linear_residual_norm=linear_residual_norm)
+  return x, opt_state, info
+
+
 def lower_loop(problem: Problem, optimizer: optax.GradientTransformation,
                x: PyTree, y: PyTree, opt_state, sampler, data,
                num_steps: int):

@@ -35,6 +35,7 @@ PyTree = Any
 
 __all__ = [
     "ImplicitInfo",
+    "hypergradient_from_solution",
     "implicit_hypergradient",
     "implicit_hypergradient_and_info",
     "UnrolledInfo",
@@ -92,13 +93,34 @@ def implicit_hypergradient_and_info(
       problem, x, y, upper_batch)
   grad_y_g, pullback = derivatives.lower_vjp(problem, x, y, lower_batch)
   v = linear_solver.solve(lambda u: pullback(u)[1], grad_y_f, v_init)
-  cross, hv = pullback(v)
-  hypergradient = optax.tree.sub(grad_x_f, cross)
-  info = ImplicitInfo(
-      v=v, upper_loss=upper_loss,
-      lower_grad_norm=optax.tree.norm(grad_y_g),
-      linear_residual_norm=linear_solve_lib.residual_norm(hv, grad_y_f))
+  hypergradient, residual = _estimate(pullback, v, grad_x_f, grad_y_f)
+  info = ImplicitInfo(v=v, upper_loss=upper_loss,
+                      lower_grad_norm=optax.tree.norm(grad_y_g),
+                      linear_residual_norm=residual)
   return hypergradient, info
+
+
+def _estimate(pullback, v, grad_x_f, grad_y_f):
+  cross, hv = pullback(v)
+  return (optax.tree.sub(grad_x_f, cross),
+          linear_solve_lib.residual_norm(hv, grad_y_f))
+
+
+def hypergradient_from_solution(problem: Problem, x: PyTree, y: PyTree,
+                                v: PyTree, grad_x_f: PyTree, grad_y_f: PyTree,
+                                lower_batch=None) -> tuple[PyTree, jax.Array]:
+  r"""The estimate :math:`\nabla_x f - J v` for a given ``v``, and its residual.
+
+  For solvers that compute ``v`` their own way (Neumann series with fresh
+  batches, SGD on the linear system). One ``jax.vjp`` of
+  :math:`\nabla_y g` on ``lower_batch`` gives :math:`J v` and, for free,
+  :math:`H v`.
+
+  Returns:
+    ``(hypergradient, ||H v - grad_y f||)``.
+  """
+  _, pullback = derivatives.lower_vjp(problem, x, y, lower_batch)
+  return _estimate(pullback, v, grad_x_f, grad_y_f)
 
 
 def implicit_hypergradient(

@@ -92,12 +92,10 @@ def aid(problem: Problem, *, upper_optimizer: Any = 1.0,
     hypergradient, implicit = implicit_hypergradient_and_info(
         problem, state.x, y, upper_batch, lower_batch,
         linear_solver=linear_solver, v_init=state.v)
-    x, upper_opt_state = _base.update_x(
+    x, upper_opt_state, info = _base.upper_step(
         problem, upper_optimizer, hypergradient, state.upper_opt_state,
-        state.x)
-    info = _base.HypergradientInfo(
-        upper_loss=implicit.upper_loss, lower_grad_norm=lower_grad_norm,
-        hypergradient_norm=optax.tree.norm(hypergradient),
+        state.x, upper_loss=implicit.upper_loss,
+        lower_grad_norm=lower_grad_norm,
         linear_residual_norm=implicit.linear_residual_norm)
     return AIDState(x, y, implicit.v, upper_opt_state, lower_opt_state,
                     sampler, state.num_steps + 1), info

@@ -28,8 +28,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import optax
-
 from bilevel import _base, _data
 from bilevel._problem import Problem
 from bilevel._validation import as_optimizer, check_positive_int
@@ -83,13 +81,10 @@ def itd(problem: Problem, *, upper_optimizer: Any = 1.0,
         problem, state.x, state.y, upper_batch, lower_batch,
         lower_optimizer=lower_optimizer, num_steps=num_lower_steps,
         lower_batches=lower_batches)
-    x, upper_opt_state = _base.update_x(
+    x, upper_opt_state, info = _base.upper_step(
         problem, upper_optimizer, hypergradient, state.upper_opt_state,
-        state.x)
-    info = _base.HypergradientInfo(
-        upper_loss=unrolled.upper_loss,
+        state.x, upper_loss=unrolled.upper_loss,
         lower_grad_norm=unrolled.lower_grad_norm,
-        hypergradient_norm=optax.tree.norm(hypergradient),
         linear_residual_norm=jax.numpy.zeros_like(unrolled.upper_loss))
     return ITDState(x, unrolled.y, upper_opt_state, sampler,
                     state.num_steps + 1), info

@@ -94,11 +94,9 @@ def soba(problem: Problem, *, upper_optimizer: Any = 0.5,
     updates, linear_opt_state = linear_optimizer.update(
         linear_grad, state.linear_opt_state, v)
     v_next = optax.apply_updates(v, updates)
-    x_next, upper_opt_state = _base.update_x(
-        problem, upper_optimizer, hypergradient, state.upper_opt_state, x)
-    info = _base.HypergradientInfo(
+    x_next, upper_opt_state, info = _base.upper_step(
+        problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
         upper_loss=upper_loss, lower_grad_norm=optax.tree.norm(grad_y_g),
-        hypergradient_norm=optax.tree.norm(hypergradient),
         linear_residual_norm=linear_solve_lib.residual_norm(hv, grad_y_f))
     return SOBAState(x_next, y_next, v_next, upper_opt_state,
                      lower_opt_state, linear_opt_state, sampler,

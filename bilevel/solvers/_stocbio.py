@@ -27,11 +27,11 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
-import optax
 
 from bilevel import _base, _data, derivatives
 from bilevel import linear_solve as linear_solve_lib
 from bilevel._problem import Problem
+from bilevel.hypergradient import hypergradient_from_solution
 from bilevel._validation import (as_optimizer, check_positive,
                                  check_positive_int)
 
@@ -100,15 +100,12 @@ def stocbio(problem: Problem, *, upper_optimizer: Any = 1.0,
           grad_y_f, step_size=neumann_step_size, num_terms=num_neumann_terms,
           operands=neumann_batches)
     cross_batch, sampler = _data.sample(sampler, data, "lower")
-    _, hv, cross = derivatives.lower_hvp_and_cross(problem, x, y, v,
-                                                   cross_batch)
-    hypergradient = optax.tree.sub(grad_x_f, cross)
-    x, upper_opt_state = _base.update_x(
-        problem, upper_optimizer, hypergradient, state.upper_opt_state, x)
-    info = _base.HypergradientInfo(
+    hypergradient, residual = hypergradient_from_solution(
+        problem, x, y, v, grad_x_f, grad_y_f, cross_batch)
+    x, upper_opt_state, info = _base.upper_step(
+        problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
         upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
-        hypergradient_norm=optax.tree.norm(hypergradient),
-        linear_residual_norm=linear_solve_lib.residual_norm(hv, grad_y_f))
+        linear_residual_norm=residual)
     return StocBiOState(x, y, upper_opt_state, lower_opt_state, sampler,
                         state.num_steps + 1), info
 
