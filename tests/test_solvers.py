@@ -235,3 +235,18 @@ def test_bad_step_sizes_are_rejected(name, kwargs):
 def test_bad_counts_are_rejected(name, kwargs):
   with pytest.raises((ValueError, TypeError), match=list(kwargs)[0]):
     getattr(bilevel.solvers, name)(_deterministic().problem, **kwargs)
+
+
+@pytest.mark.parametrize("name,lower_batches_per_step", [
+    ("aid", 10 + 1), ("itd", 20), ("stocbio", 10 + 10 + 1), ("soba", 1),
+    ("amigo", 10 + 10 + 1)])
+def test_every_oracle_draws_a_fresh_minibatch(name, lower_batches_per_step):
+  """Each lower step, Neumann term or linear step reads its own batch."""
+  instance = problems.quadratic(jax.random.key(0), dim_x=4, dim_y=3,
+                                num_samples=10_000, batch_size=7)
+  solver = getattr(bilevel.solvers, name)(instance.problem)
+  state = solver.init(instance.x0, instance.y0, key=jax.random.key(0),
+                      data=instance.data)
+  state, _ = jax.jit(solver.step)(state, instance.data)
+  assert int(state.sampler.lower.position) == 7 * lower_batches_per_step
+  assert int(state.sampler.upper.position) == 7
