@@ -18,6 +18,7 @@ of the solver state, and a batch costs ``O(b)`` (see :func:`index_shuffle`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -138,9 +139,14 @@ def _mix32(value: jax.Array) -> jax.Array:
 
 
 def _round_keys(seed: jax.Array, epoch: jax.Array) -> jax.Array:
-  """The Feistel round keys of ``epoch``, hashed from the stream's seed."""
-  rounds = jnp.arange(_NUM_ROUNDS, dtype=jnp.uint32)
+  """The Feistel round keys of ``epoch``, hashed from the stream's seed.
+
+  Shaped ``(_NUM_ROUNDS,) + epoch.shape``: one set of keys per element when
+  ``epoch`` is an array of per-sample epochs.
+  """
   epoch = jnp.asarray(epoch).astype(jnp.uint32)
+  rounds = jnp.arange(_NUM_ROUNDS, dtype=jnp.uint32).reshape(
+      (_NUM_ROUNDS,) + (1,) * epoch.ndim)
   return _mix32(seed[0] ^ _mix32(
       (seed[1] + epoch * jnp.uint32(0x9E3779B9)) ^ _mix32(
           rounds * jnp.uint32(0x632BE5AB) + jnp.uint32(1))))
@@ -152,23 +158,32 @@ def _feistel_shuffle(index: jax.Array, round_keys: jax.Array, n: int
   ``(_NUM_ROUNDS,) + index.shape`` or ``(_NUM_ROUNDS,)``."""
   if n == 1:
     return jnp.zeros(index.shape, jnp.int32)
-  num_bits = int(n - 1).bit_length()  # 2**num_bits is in [n, 2n)
-  high_bits = num_bits // 2
-  low_bits = num_bits - high_bits
+  # A mixed-radix domain [0, rows * cols) with rows * cols - n < rows: fewer
+  # than 1/sqrt(n) of the images fall outside [0, n) and need walking.
+  rows = math.isqrt(n - 1) + 1
+  cols = -(-n // rows)
+
+  def keyed_offset(part, round_key, radix):
+    # A keyed hash of `part` scaled to [0, radix) by a multiplication (an
+    # integer modulo would cost a division per element and round).
+    scaled = (_mix32(part ^ round_key) >> 8).astype(jnp.float32) * (
+        radix / 2.0 ** 24)
+    return jnp.minimum(scaled.astype(jnp.uint32), jnp.uint32(radix - 1))
+
+  def add_mod(a, b, radix):
+    total = a + b
+    return jnp.where(total >= radix, total - jnp.uint32(radix), total)
 
   def permute(value):
-    # Unbalanced Feistel rounds on (high, low) bit fields whose widths swap
-    # at each round: (h, l) -> (l, h ^ F(l)), a bijection of [0, 2**bits).
-    widths = (high_bits, low_bits)
+    # Feistel rounds on (row, col) that alternately add a keyed hash of one
+    # part to the other, modulo its radix: each round is a bijection.
+    row, col = value // jnp.uint32(cols), value % jnp.uint32(cols)
     for r in range(_NUM_ROUNDS):
-      high_width, low_width = widths
-      high = value >> low_width
-      low = value & jnp.uint32((1 << low_width) - 1)
-      mixed = high ^ (_mix32(low ^ round_keys[r])
-                      & jnp.uint32((1 << high_width) - 1))
-      value = (low << high_width) | mixed
-      widths = (low_width, high_width)
-    return value
+      if r % 2 == 0:
+        row = add_mod(row, keyed_offset(col, round_keys[r], rows), rows)
+      else:
+        col = add_mod(col, keyed_offset(row, round_keys[r], cols), cols)
+    return row * jnp.uint32(cols) + col
 
   def walk(value):
     # One cycle-walking step: values already in [0, n) stay where they are.
@@ -184,10 +199,11 @@ def index_shuffle(index: jax.Array, key: jax.Array, n: int) -> jax.Array:
 
   A Feistel network of :data:`_NUM_ROUNDS` rounds (eight: with four, the
   Luby-Rackoff count, or six, the images of small domains such as ``n = 10``
-  fail chi-square tests of uniformity) permutes ``[0, 2^k)``
-  with ``2^k`` the smallest power of two not below ``n``; cycle walking
-  (re-applying it while the image is ``>= n``, fewer than two times on
-  average) restricts it to a permutation of ``[0, n)``. Each index costs a
+  fail chi-square tests of uniformity) permutes the mixed-radix domain
+  ``[0, a c)`` with ``a = ceil(sqrt(n))``, ``c = ceil(n / a)``; cycle walking
+  (re-applying it while the image is ``>= n``, which happens for fewer than
+  ``1 / sqrt(n)`` of the indices) restricts it to a permutation of
+  ``[0, n)``. Each index costs a
   few integer operations, so a minibatch of ``b`` indices costs ``O(b)``
   whatever ``n``, where shuffling a whole epoch (``jax.random.permutation``,
   a sort) costs ``O(n log n)`` at every epoch boundary.
@@ -234,24 +250,22 @@ def init_sampler(data: Data | None, key: jax.Array | None) -> SamplerState:
   return SamplerState(*streams)
 
 
-def _draw(stream: StreamState, arrays: PyTree, batch_size: int):
+def _draw(stream: StreamState, arrays: PyTree, num: int):
+  """The next ``num`` samples of the stream (any ``num``, epochs included)."""
   n = num_samples(arrays)
-  positions = stream.position + jnp.arange(batch_size, dtype=jnp.int32)
-  wraps = positions >= n
-  local = jnp.where(wraps, positions - n, positions)
-  # Each position is shuffled with the round keys of its own epoch.
-  this_epoch = _round_keys(stream.seed, stream.epoch)
-  next_epoch = _round_keys(stream.seed, stream.epoch + 1)
-  round_keys = jnp.where(wraps[None, :], next_epoch[:, None],
-                         this_epoch[:, None])
-  indices = _feistel_shuffle(local, round_keys, n)
-  batch = jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), arrays)
-  position = stream.position + batch_size
-  wrapped = position >= n
-  stream = StreamState(
-      seed=stream.seed, position=jnp.where(wrapped, position - n, position),
-      epoch=stream.epoch + wrapped.astype(jnp.int32))
-  return batch, stream
+  positions = stream.position + jnp.arange(num, dtype=jnp.int32)
+  # Each position is shuffled with the round keys of its own epoch; the
+  # draw spans at most `num // n + 2` epochs, whose keys are hashed once.
+  offsets = positions // n
+  epoch_keys = _round_keys(
+      stream.seed, stream.epoch + jnp.arange(num // n + 2, dtype=jnp.int32))
+  round_keys = epoch_keys[:, offsets]
+  indices = _feistel_shuffle(positions % n, round_keys, n)
+  samples = jax.tree.map(lambda leaf: jnp.take(leaf, indices, axis=0), arrays)
+  end = stream.position + num
+  stream = StreamState(seed=stream.seed, position=end % n,
+                       epoch=stream.epoch + end // n)
+  return samples, stream
 
 
 def sample(sampler: SamplerState, data: Data | None, level: str):
@@ -275,14 +289,17 @@ def sample_many(sampler: SamplerState, data: Data | None, level: str,
                 num: int):
   """``num`` consecutive minibatches of ``level`` stacked on a leading axis.
 
-  Meant for stochastic levels (see :func:`is_stochastic`): a full-batch level
-  would be copied ``num`` times, so callers pass its single batch instead.
+  The same batches as ``num`` calls of :func:`sample`, drawn in one
+  vectorised pass. Meant for stochastic levels (see :func:`is_stochastic`):
+  a full-batch level would be copied ``num`` times, so callers pass its
+  single batch instead.
   """
-  def body(s, _):
-    batch, s = sample(s, data, level)
-    return s, batch
-  sampler, batches = jax.lax.scan(body, sampler, None, length=num)
-  return batches, sampler
+  stream = getattr(sampler, level)
+  batch_size = getattr(data, f"{level}_batch_size")
+  samples, stream = _draw(stream, getattr(data, level), num * batch_size)
+  batches = jax.tree.map(
+      lambda leaf: leaf.reshape((num, batch_size) + leaf.shape[1:]), samples)
+  return batches, sampler._replace(**{level: stream})
 
 
 def is_stochastic(data: Data | None, level: str) -> bool:

@@ -1,5 +1,6 @@
 """The minibatch sampler: exact epochs, independence of levels, errors."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +131,18 @@ def test_index_shuffle_is_close_to_uniform(n):
     quantile = 148.2  # 99.9%, 99 dof (approximately independent)
   chi2 = ((counts - expected) ** 2 / expected).sum()
   assert chi2 < quantile, chi2
+
+
+def test_sample_many_equals_repeated_sample():
+  arrays = {"index": jnp.arange(23)}
+  data = bilevel.Data(lower=arrays, lower_batch_size=5)
+  sampler = _data.init_sampler(data, jax.random.key(4))
+  stacked, after_many = _data.sample_many(sampler, data, "lower", 11)
+  one_by_one = []
+  for _ in range(11):
+    batch, sampler = _data.sample(sampler, data, "lower")
+    one_by_one.append(batch["index"])
+  np.testing.assert_array_equal(stacked["index"], np.stack(one_by_one))
+  chex.assert_trees_all_equal(after_many, sampler)
+  # 55 draws from 23 samples: epochs 0 and 1 complete, 9 of epoch 2 read.
+  assert int(sampler.lower.epoch) == 2 and int(sampler.lower.position) == 9
