@@ -15,6 +15,7 @@ def test_demo_writes_report_and_plots(tmp_path):
   for solver in ("aid", "itd", "stocbio", "soba", "amigo"):
     assert f"| {solver} |" in report
   assert "test_accuracy" in report and "‖x_T − x*‖ / ‖x*‖" in report
+  assert "‖ĥ(x_T) − ∇Φ(x_T)‖ / ‖∇Φ(x_0)‖" in report
   assert "Hypergradient estimators" in report
   assert len(list(out.glob("*.png"))) == 2
   assert "diverged" not in report
