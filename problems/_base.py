@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import bilevel
@@ -40,6 +41,28 @@ class Instance(NamedTuple):
   value: Callable[[PyTree], jax.Array] | None = None
   x_star: PyTree | None = None
   evaluate: Callable[[PyTree, PyTree], dict] | None = None
+
+
+def numpy_seed(key: jax.Array) -> np.random.SeedSequence:
+  """NumPy seeds from a JAX key (the same in float32 and float64)."""
+  return np.random.SeedSequence(np.asarray(jax.random.bits(key, (4,),
+                                                           jnp.uint32)))
+
+
+def split_rows(rng: np.random.Generator, total: int, num_train: int,
+               num_val: int, *, min_train: int = 1):
+  """A random split of ``total`` rows into train, validation and test rows.
+
+  Raises:
+    ValueError: unless ``num_train >= min_train``, ``num_val >= 1`` and at
+      least one row is left for the test set.
+  """
+  if num_train < min_train or num_val < 1 or num_train + num_val >= total:
+    raise ValueError(
+        f"Need num_train >= {min_train}, num_val >= 1 and num_train + "
+        f"num_val < {total} (the rest is the test set); got "
+        f"num_train={num_train}, num_val={num_val}.")
+  return np.split(rng.permutation(total), [num_train, num_train + num_val])
 
 
 def full_batches(data: bilevel.Data | None):

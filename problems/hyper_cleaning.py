@@ -71,7 +71,7 @@ import numpy as np
 
 import bilevel
 from problems._base import (Instance, dense_hypergradient, full_batches,
-                            value_function)
+                            numpy_seed, split_rows, value_function)
 
 NUM_CLASSES = 10
 #: Newton steps of the reference lower solution.
@@ -105,18 +105,10 @@ def hyper_cleaning_data(key: jax.Array | None = None, *,
   if not 0.0 <= corruption <= 1.0:
     raise ValueError(f"corruption must be in [0, 1]; got {corruption}.")
   features, labels = load_digits(return_X_y=True)
-  total = features.shape[0]
-  if num_train < 1 or num_val < 1 or num_train + num_val >= total:
-    raise ValueError(
-        f"Need num_train >= 1, num_val >= 1 and num_train + num_val < {total} "
-        f"(the rest is the test set); got num_train={num_train}, "
-        f"num_val={num_val}.")
   if key is None:
     key = jax.random.key(0)
-  rng = np.random.default_rng(np.asarray(jax.random.bits(key, (4,),
-                                                         jnp.uint32)))
-  order = rng.permutation(total)
-  train, val, test = np.split(order, [num_train, num_train + num_val])
+  rng = np.random.default_rng(numpy_seed(key))
+  train, val, test = split_rows(rng, features.shape[0], num_train, num_val)
 
   features = features / 16.0
   mean, std = features[train].mean(axis=0), features[train].std(axis=0)

@@ -78,7 +78,8 @@ import numpy as np
 
 import bilevel
 from problems._base import (Instance, dense_hypergradient,
-                            newton_lower_solution, value_function)
+                            newton_lower_solution, numpy_seed, split_rows,
+                            value_function)
 
 DATASETS = ("ijcnn1_like", "breast_cancer")
 NUM_TRAIN_IJCNN1 = 49_990
@@ -87,12 +88,6 @@ NUM_TEST_IJCNN1 = 10_000
 NUM_FEATURES_IJCNN1 = 22
 #: Newton steps of the reference lower solution.
 NEWTON_ITERATIONS = 20
-
-
-def _seed_sequence(key: jax.Array) -> np.random.SeedSequence:
-  """NumPy seeds derived from ``key`` (identical in float32 and float64)."""
-  return np.random.SeedSequence(np.asarray(jax.random.bits(key, (4,),
-                                                           jnp.uint32)))
 
 
 def _ijcnn1_features(rng: np.random.Generator, num: int) -> np.ndarray:
@@ -112,7 +107,7 @@ def _ijcnn1_features(rng: np.random.Generator, num: int) -> np.ndarray:
 
 def _ijcnn1_like(key, num_train, num_val):
   """Raw features and ±1 labels of the synthetic train/validation/test sets."""
-  weights_seed, *split_seeds = _seed_sequence(key).spawn(4)
+  weights_seed, *split_seeds = numpy_seed(key).spawn(4)
   weights_rng = np.random.default_rng(weights_seed)
   # The true logit is standardised with population moments, estimated once
   # from a large reference sample so that it does not depend on num_train.
@@ -142,13 +137,9 @@ def _breast_cancer(key, num_train, num_val):
   from sklearn.datasets import load_breast_cancer  # optional dependency
   features, target = load_breast_cancer(return_X_y=True)
   labels = np.where(target == 0, 1.0, -1.0)  # sklearn: 0 = malignant
-  total = features.shape[0]
-  if num_train + num_val >= total:
-    raise ValueError(f"num_train + num_val must be below {total} (the rest is "
-                     f"the test set); got {num_train} + {num_val}.")
-  order = np.random.default_rng(_seed_sequence(key)).permutation(total)
-  bounds = np.cumsum([num_train, num_val])
-  return [(features[rows], labels[rows]) for rows in np.split(order, bounds)]
+  rows = split_rows(np.random.default_rng(numpy_seed(key)),
+                    features.shape[0], num_train, num_val)
+  return [(features[r], labels[r]) for r in rows]
 
 
 def logistic_regularization(

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bilevel
-from problems._base import Instance
+from problems._base import Instance, numpy_seed, split_rows
 
 #: Bracket in which ``x_star`` is searched (log of the ridge penalty).
 BRACKET = (-12.0, 6.0)
@@ -64,12 +64,6 @@ BRACKET = (-12.0, 6.0)
 #: for a clearly interior minimiser (about a third of the random splits have
 #: their best validation loss at vanishing penalty).
 DEFAULT_SEED = 16
-
-
-def _numpy_rng(key: jax.Array) -> np.random.Generator:
-  """A NumPy generator seeded by ``key`` (identical in float32 and float64)."""
-  return np.random.default_rng(np.asarray(jax.random.bits(key, (4,),
-                                                          jnp.uint32)))
 
 
 def ridge(key: jax.Array | None = None, *, num_train: int = 221,
@@ -96,18 +90,11 @@ def ridge(key: jax.Array | None = None, *, num_train: int = 221,
   from sklearn.datasets import load_diabetes  # optional dependency
 
   features, targets = load_diabetes(return_X_y=True)
-  total = features.shape[0]
-  if num_train < 2 or num_val < 1 or num_train + num_val >= total:
-    raise ValueError(
-        f"Need num_train >= 2, num_val >= 1 and num_train + num_val < {total} "
-        f"(the rest is the test set); got num_train={num_train}, "
-        f"num_val={num_val}.")
   if key is None:
     key = jax.random.key(DEFAULT_SEED)
-  order = _numpy_rng(key).permutation(total)
-  train = order[:num_train]
-  val = order[num_train:num_train + num_val]
-  test = order[num_train + num_val:]
+  train, val, test = split_rows(np.random.default_rng(numpy_seed(key)),
+                                features.shape[0], num_train, num_val,
+                                min_train=2)
 
   mean, std = features[train].mean(axis=0), features[train].std(axis=0)
   std = np.where(std > 0, std, 1.0)
