@@ -11,8 +11,9 @@ sample indices, the concatenation of pseudo-random permutations of
 ``[k b, (k + 1) b)``. Every epoch (``n`` consecutive positions starting at a
 multiple of ``n``) therefore visits every sample exactly once, also when
 ``b`` does not divide ``n`` (a batch may straddle two epochs). The state is a
-key, a position and an epoch count, so sampling is pure, its position is part
-of the solver state, and a batch costs ``O(b)`` (see :func:`index_shuffle`).
+32-bit seed pair, a position and an epoch count, so sampling is pure, its
+position is part of the solver state, and a batch costs ``O(b)`` (see
+:func:`index_shuffle`).
 """
 
 from __future__ import annotations
