@@ -5,11 +5,11 @@
    \\min_x f(x, y^*(x)) \\quad \\text{s.t.} \\quad y^*(x) = \\arg\\min_y g(x, y)
 """
 
-from bilevel import derivatives, linear_solve, solvers
+from bilevel import checkpoint, derivatives, linear_solve, solvers
 from bilevel._base import BilevelSolver, HypergradientInfo, OracleCalls
 from bilevel._data import Data, SamplerState
 from bilevel._problem import Problem, validate
-from bilevel._run import RunResult, run
+from bilevel._run import DivergenceError, RunResult, run
 from bilevel.hypergradient import (implicit_hypergradient,
                                    implicit_hypergradient_and_info,
                                    unrolled_hypergradient,
@@ -20,11 +20,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelSolver",
     "Data",
+    "DivergenceError",
     "HypergradientInfo",
     "OracleCalls",
     "Problem",
     "RunResult",
     "SamplerState",
+    "checkpoint",
     "derivatives",
     "implicit_hypergradient",
     "implicit_hypergradient_and_info",

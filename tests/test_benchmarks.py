@@ -205,3 +205,12 @@ def test_cyclic_sampler(stochastic_quadratic):
   again, _ = _data.sample_many(sampler, data, "lower", 11)
   for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_long_runs_script_quick():
+  output = _run_script("long_runs.py")
+  for name in ("unchecked", "checked", "ckpt/1", "ckpt/2"):
+    assert re.search(rf"^{re.escape(name)}\s+[\d.]+\s+[\d.]+", output,
+                     re.MULTILINE), output
+  assert re.search(r"largest difference to the uninterrupted run = 0\.0$",
+                   output, re.MULTILINE), output
