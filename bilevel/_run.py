@@ -122,7 +122,7 @@ def _leaf_names(state, info) -> list[str]:
 
 
 def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
-                on_nonfinite: str = "raise"):
+                on_nonfinite: str = "raise", freeze_counters: bool = True):
   """``length`` steps of ``solver``; steps ``>= num_active`` leave ``state``.
 
   The padding keeps one compiled chunk for every chunk of a run, the last one
@@ -134,7 +134,9 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
   its diagnostics for NaN and infinities (one reduction per leaf, fused by
   XLA) and the carry keeps the index of the first bad step of the chunk. With
   ``"raise"``, the state stops changing at the last finite one; with
-  ``"warn"`` the run goes on.
+  ``"warn"`` the run goes on. With ``freeze_counters=False`` (runs under a
+  JAX transformation) only the floating-point leaves stop; integer leaves
+  keep counting.
 
   Returns:
     ``((state, first_bad), (infos, flags))``: ``first_bad`` is the index in
@@ -146,17 +148,27 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
   def body(carry, index):
     state_, first_bad = carry
     stepped, info = solver.step(state_, data)
-    keep = index < num_active
+    active = index < num_active
+    keep = active
     flags = None
     if on_nonfinite != "ignore":
       flags = _finite_flags(stepped, info)
       finite = jnp.all(flags)
       healthy = first_bad < 0
-      first_bad = jnp.where(keep & healthy & ~finite, index, first_bad)
+      first_bad = jnp.where(active & healthy & ~finite, index, first_bad)
       if on_nonfinite == "raise":
-        keep = keep & healthy & finite
-    state_ = jax.tree.map(lambda new, old: jnp.where(keep, new, old),
-                          stepped, state_)
+        keep = active & healthy & finite
+
+    def select(new, old):
+      # Only floating-point leaves stop at the last finite step when
+      # `freeze_counters` is off: counters (step counts, sampler positions)
+      # then depend on the step index alone and stay unbatched under vmap,
+      # so a solver's `lax.cond` on its step count remains a real branch.
+      inexact = jnp.issubdtype(jnp.result_type(new), jnp.inexact)
+      return jnp.where(keep if inexact or freeze_counters else active,
+                       new, old)
+
+    state_ = jax.tree.map(select, stepped, state_)
     return (state_, first_bad), (info, flags)
 
   carry = (state, jnp.asarray(-1, jnp.int32))
@@ -253,7 +265,8 @@ def _traced_run(solver, state, data, num_steps, on_nonfinite,
     raise ValueError("checkpoint_dir cannot be used under a JAX "
                      "transformation (jit/vmap): call run() outside it.")
   (state, first_bad), (history, _) = _scan_steps(
-      solver, state, data, num_steps, num_steps, on_nonfinite)
+      solver, state, data, num_steps, num_steps, on_nonfinite,
+      freeze_counters=False)
   nonfinite = None if on_nonfinite == "ignore" else jnp.where(
       first_bad < 0, -1, first_bad + 1)
   return RunResult(state.x, state.y, state, history, [], math.nan, math.nan,
@@ -283,9 +296,11 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
   per chunk. With ``on_nonfinite="raise"`` (default) the state stops at the
   last finite step and the run raises :class:`DivergenceError`, naming the
   first bad step, the non-finite variables and the last finite diagnostics.
-  Under a JAX transformation nothing can be raised: the state stops all the
-  same and ``RunResult.nonfinite_step`` tells where (``-1``: nowhere), which
-  suits a vmap over step sizes where some diverge.
+  Under a JAX transformation nothing can be raised: the floating-point
+  leaves of the state stop at their last finite values (integer counters
+  such as step counts keep counting) and ``RunResult.nonfinite_step`` tells
+  where (``-1``: nowhere), which suits a vmap over step sizes where some
+  diverge.
 
   **Checkpoints.** With ``checkpoint_dir``, the full state (optimizer states,
   sampler positions and keys included), the history and the callback values

@@ -157,14 +157,24 @@ def test_healthy_run_reports_no_divergence():
 def test_divergence_under_vmap_stops_each_member():
   instance = _instance()
 
+  clean = bilevel.run(bilevel.solvers.aid(instance.problem), instance.x0,
+                      instance.y0, num_steps=10)
+
   def run(bad_step):
     solver = _poisoned(bilevel.solvers.aid(instance.problem), bad_step)
     result = bilevel.run(solver, instance.x0, instance.y0, num_steps=10)
-    return result.nonfinite_step, result.state.num_steps
+    return result.nonfinite_step, result.x, result.state.num_steps
 
-  steps, counts = jax.jit(jax.vmap(run))(jnp.array([3, 100, 10]))
+  steps, xs, counts = jax.jit(jax.vmap(run))(jnp.array([3, 100, 10]))
   np.testing.assert_array_equal(steps, [3, -1, 10])
-  np.testing.assert_array_equal(counts, [2, 10, 9])
+  # x stops at the last finite step (the NaN in v reaches x one step later,
+  # so x after step 2 for the first member); counters keep counting.
+  history = bilevel.run(bilevel.solvers.aid(instance.problem), instance.x0,
+                        instance.y0, num_steps=2).x
+  np.testing.assert_allclose(xs[0], history, rtol=1e-12)
+  np.testing.assert_allclose(xs[1], clean.x, rtol=1e-12)
+  assert np.all(np.isfinite(xs))
+  np.testing.assert_array_equal(counts, [10, 10, 10])
 
 
 def test_bad_on_nonfinite_and_foreign_state_are_refused():
