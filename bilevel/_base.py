@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
-from bilevel import _data
+from bilevel import _data, linear_solve
 from bilevel._problem import Problem, validate
+from bilevel._validation import check_positive_int, describe_value
 from bilevel.hypergradient import lower_descent
 
 PyTree = Any
@@ -39,7 +43,11 @@ class BilevelSolver(NamedTuple):
 
   Attributes:
     init: ``init(x, y, *, key=None, data=None) -> state``. Validates the
-      problem at ``(x, y)`` (abstractly, no FLOPs) and builds the state.
+      problem at ``(x, y)`` (abstractly with ``jax.eval_shape``, plus one
+      compiled forward pass of ``f`` and ``g`` on a first batch to refuse a
+      non-finite start when the inputs are concrete) and builds the state.
+      A solver may do real work here, once (BO-REP's initialization
+      refinement).
     step: ``step(state, data=None) -> (state, info)``. Pure and jittable;
       ``data`` is a :class:`bilevel.Data` (or ``None``) and is an argument, so
       new data of the same shapes does not recompile.
@@ -68,15 +76,175 @@ class HypergradientInfo(NamedTuple):
   linear_residual_norm: jax.Array
 
 
+def require_unconstrained(problem: Problem, solver_name: str) -> None:
+  """Refuses, at solver construction, a problem with lower constraints.
+
+  Args:
+    problem: the problem given to the solver factory.
+    solver_name: the factory's name in ``bilevel.solvers``.
+
+  Raises:
+    TypeError: if ``problem`` is not a :class:`bilevel.Problem`.
+    ValueError: if ``problem`` sets any of ``lower_constraints``,
+      ``lower_equality_constraints`` or ``project_xy``, which the solver
+      would otherwise silently ignore.
+  """
+  if not isinstance(problem, Problem):
+    raise TypeError(
+        f"bilevel.solvers.{solver_name} expects a bilevel.Problem as its "
+        f"first argument; got {type(problem).__name__}. Build one with "
+        "bilevel.Problem(upper=f, lower=g).")
+  if not problem.has_lower_constraints:
+    return
+  fields = ", ".join(f"Problem.{name}"
+                     for name in problem.lower_constraint_fields)
+  raise ValueError(
+      f"bilevel.solvers.{solver_name} cannot handle lower-level constraints "
+      f"({fields}): it would silently ignore them. Use a solver for "
+      "constrained lower levels, or drop the constraints: add them to g as "
+      "a penalty, or use project_x/project_y when the set is a product of "
+      "a set of x and a set of y.")
+
+
+def check_linear_solver(name: str, value: Any) -> None:
+  """Checks that ``value`` is a :class:`bilevel.linear_solve.LinearSolver`.
+
+  Raises:
+    TypeError: otherwise (e.g. the factory ``bilevel.linear_solve.cg``
+      itself, or a bare function).
+  """
+  if isinstance(value, linear_solve.LinearSolver):
+    check_positive_int(f"{name}.max_matvecs", value.max_matvecs,
+                       allow_zero=True)
+    if callable(value.solve):
+      return
+  raise TypeError(
+      f"{name} must be a bilevel.linear_solve.LinearSolver, e.g. "
+      "bilevel.linear_solve.cg(maxiter=10) or "
+      "bilevel.linear_solve.neumann(step_size=0.5, num_terms=10); got "
+      f"{describe_value(value)}.")
+
+
+def _first_batch(data: _data.Data | None, level: str) -> PyTree:
+  """A batch like those ``level``'s objective sees, without sampling.
+
+  Returns:
+    The first ``batch_size`` samples of the level's data, all of it without
+    a batch size, or ``None`` when the level has no data.
+  """
+  arrays = None if data is None else getattr(data, level)
+  if arrays is None:
+    return None
+  size = getattr(data, f"{level}_batch_size")
+  if size is None:
+    return arrays
+  return jax.tree.map(lambda leaf: leaf[:size], arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _initial_values(problem: Problem, x: PyTree, y: PyTree, data):
+  """Finiteness of each leaf of ``x`` and ``y``, and ``f``, ``g`` there.
+
+  One compiled program (cached per problem and shapes) with one forward
+  pass of each objective, on the first minibatch of each level.
+  """
+  def finite(tree):
+    return jnp.stack([jnp.all(jnp.isfinite(leaf))
+                      for leaf in jax.tree.leaves(tree)])
+
+  return (finite(x), finite(y),
+          problem.upper(x, y, _first_batch(data, "upper")),
+          problem.lower(x, y, _first_batch(data, "lower")))
+
+
+def _is_concrete(tree: PyTree) -> bool:
+  return all(isinstance(leaf, (np.ndarray, np.generic)) or
+             (isinstance(leaf, jax.Array) and
+              not isinstance(leaf, jax.core.Tracer))
+             for leaf in jax.tree.leaves(tree))
+
+
+def _nonfinite_leaf_message(name: str, label: str, tree: PyTree,
+                            flags) -> str:
+  """The message for the first leaf of ``tree`` whose flag is false."""
+  paths_and_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  index = int(np.argmin(flags))
+  path, leaf = paths_and_leaves[index]
+  leaf = np.asarray(leaf)
+  bad = ~np.asarray(np.isfinite(leaf))
+  first = np.unravel_index(int(np.argmax(bad)), leaf.shape)
+  where = f" at index {tuple(int(i) for i in first)}" if leaf.ndim else ""
+  return (f"{name}{jax.tree_util.keystr(path)} ({label}) is not finite: "
+          f"{int(bad.sum())} of {leaf.size} entries are NaN or infinite "
+          f"(the first is {leaf[first]}{where}). A solver cannot start from "
+          f"a non-finite point: check how {name} was computed (e.g. the log "
+          "of a non-positive number or a division by zero) and pass finite "
+          "values.")
+
+
+def _batch_description(data: _data.Data | None, level: str) -> str:
+  arrays = None if data is None else getattr(data, level)
+  if arrays is None:
+    return "with batch=None"
+  size = getattr(data, f"{level}_batch_size")
+  if size is None:
+    return f"on the whole of Data.{level}"
+  return f"on its first batch (the first {size} samples of Data.{level})"
+
+
+def check_initial_point(problem: Problem, x: PyTree, y: PyTree,
+                        data: _data.Data | None) -> None:
+  """Checks that ``x``, ``y`` and the objectives there are finite.
+
+  Costs one forward pass of ``f`` and of ``g`` on one batch each, compiled
+  once per problem and shapes. Skipped when any input is abstract (``init``
+  under ``jax.jit``, ``jax.vmap`` or ``jax.eval_shape``).
+
+  Raises:
+    ValueError: naming the first non-finite leaf of ``x`` or ``y`` (by its
+      path), or the objective that is not finite, with its value.
+  """
+  if not _is_concrete((x, y, data)):
+    return
+  values = _initial_values(problem, x, y, data)
+  if any(isinstance(value, jax.core.Tracer)
+         for value in jax.tree.leaves(values)):
+    return  # called inside an outer transformation of closed-over arrays
+  x_finite, y_finite, f0, g0 = jax.device_get(values)
+  if not x_finite.all():
+    raise ValueError(_nonfinite_leaf_message(
+        "x0", "the initial upper variable", x, x_finite))
+  if not y_finite.all():
+    raise ValueError(_nonfinite_leaf_message(
+        "y0", "the initial lower variable", y, y_finite))
+  for label, value, level in (("upper objective f", f0, "upper"),
+                              ("lower objective g", g0, "lower")):
+    if not np.isfinite(value):
+      raise ValueError(
+          f"The {label} is {value} at the initial point (x0, y0), evaluated "
+          f"{_batch_description(data, level)}. Typical causes: the log of a "
+          "non-positive number, a division by zero or the square root of a "
+          "negative number at the initial point, or an overflow. Start from "
+          "another point, or guard the expression (e.g. "
+          "jnp.log(jnp.maximum(z, 1e-12))).")
+
+
 def prepare(problem: Problem, x: PyTree, y: PyTree, data, key):
-  """Validates the inputs of ``init`` and returns the sampler state."""
+  """Validates the inputs of ``init`` and returns the sampler state.
+
+  Checks the data, the problem at ``(x, y)`` (abstractly), the key, and,
+  when the inputs are concrete, that the initial point and the objectives
+  there are finite (:func:`check_initial_point`).
+  """
   _data.validate_data(data)
   upper_spec = None if data is None else _data.batch_spec(
       data.upper, data.upper_batch_size)
   lower_spec = None if data is None else _data.batch_spec(
       data.lower, data.lower_batch_size)
   validate(problem, x, y, upper_spec, lower_spec)
-  return _data.init_sampler(data, key)
+  sampler = _data.init_sampler(data, key)
+  check_initial_point(problem, x, y, data)
+  return sampler
 
 
 def check_step_data(sampler: _data.SamplerState, data) -> None:

@@ -233,8 +233,49 @@ def _init_stream(key: jax.Array) -> StreamState:
                      epoch=jnp.zeros((), jnp.int32))
 
 
+def check_key(key: Any) -> None:
+  """Checks that ``key`` is ``None`` or one JAX PRNG key.
+
+  Accepts a typed key (``jax.random.key(seed)``, shape ``()``) and a legacy
+  raw key (``jax.random.PRNGKey(seed)``: uint32 of shape ``(2,)``, or
+  ``(4,)`` for the ``rbg`` implementations). Only dtypes and shapes are
+  read, so tracers are checked too.
+
+  Raises:
+    TypeError: if ``key`` is anything else (an int seed, a float array).
+    ValueError: if ``key`` is an array of several typed keys.
+  """
+  if key is None:
+    return
+  dtype = getattr(key, "dtype", None)
+  shape = tuple(getattr(key, "shape", ()))
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if shape == ():
+      return
+    raise ValueError(
+        f"key must be a single PRNG key; got an array of keys of shape "
+        f"{shape}. Pass one key, e.g. key=jax.random.key(seed), or vmap "
+        "init over the keys.")
+  if dtype == jnp.uint32 and shape in ((2,), (4,)):
+    return
+  if dtype is None:
+    received = f"{key!r} (type {type(key).__name__})"
+  else:
+    received = f"an array of dtype {jnp.dtype(dtype).name} and shape {shape}"
+  raise TypeError(
+      f"key must be a JAX PRNG key; got {received}. Pass "
+      "key=jax.random.key(seed) (a legacy jax.random.PRNGKey(seed) also "
+      "works), not the seed itself.")
+
+
 def init_sampler(data: Data | None, key: jax.Array | None) -> SamplerState:
-  """Sampler state for ``data``; ``key`` may be ``None`` if nothing is random."""
+  """Sampler state for ``data``; ``key`` may be ``None`` if nothing is random.
+
+  Raises:
+    TypeError: if ``key`` is not a PRNG key (see :func:`check_key`).
+    ValueError: if ``key`` is ``None`` but ``data`` draws minibatches.
+  """
+  check_key(key)
   if data is None:
     return SamplerState(None, None)
   streams = []

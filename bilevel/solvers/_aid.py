@@ -68,11 +68,13 @@ def aid(problem: Problem, *, upper_optimizer: Any = 1.0,
     A :class:`bilevel.BilevelSolver`; one step costs
     ``1 Gf + K Gg + (maxiter) HVP + 1 JVP``.
   """
+  _base.require_unconstrained(problem, "aid")
   upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
   lower_optimizer = as_optimizer("lower_optimizer", lower_optimizer)
   check_positive_int("num_lower_steps", num_lower_steps)
   if linear_solver is None:
     linear_solver = linear_solve_lib.cg(tol=1e-6, maxiter=10)
+  _base.check_linear_solver("linear_solver", linear_solver)
 
   def init(x, y, *, key=None, data=None) -> AIDState:
     sampler = _base.prepare(problem, x, y, data, key)

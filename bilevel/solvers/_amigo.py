@@ -66,6 +66,7 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
     A :class:`bilevel.BilevelSolver`; one step costs
     ``1 Gf + K Gg + K HVP + 1 JVP``.
   """
+  _base.require_unconstrained(problem, "amigo")
   upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
   lower_optimizer = as_optimizer("lower_optimizer", lower_optimizer)
   linear_optimizer = as_optimizer("linear_optimizer", linear_optimizer)

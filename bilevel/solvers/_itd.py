@@ -62,6 +62,7 @@ def itd(problem: Problem, *, upper_optimizer: Any = 1.0,
     A :class:`bilevel.BilevelSolver`; one step costs ``1 Gf + K Gg`` forward
     and a reverse pass through them (about ``K`` HVP + ``K`` JVP).
   """
+  _base.require_unconstrained(problem, "itd")
   upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
   as_optimizer("lower_optimizer", lower_optimizer)  # validates eagerly
   check_positive_int("num_lower_steps", num_lower_steps)

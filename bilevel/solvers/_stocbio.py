@@ -66,6 +66,7 @@ def stocbio(problem: Problem, *, upper_optimizer: Any = 1.0,
     A :class:`bilevel.BilevelSolver`; one step costs
     ``1 Gf + K Gg + Q HVP + 1 JVP``.
   """
+  _base.require_unconstrained(problem, "stocbio")
   upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
   lower_optimizer = as_optimizer("lower_optimizer", lower_optimizer)
   check_positive_int("num_lower_steps", num_lower_steps)
