@@ -35,6 +35,9 @@ PyTree = Any
 
 __all__ = [
     "ImplicitInfo",
+    "SingleLoopEstimate",
+    "linear_descent",
+    "single_loop_estimate",
     "hypergradient_from_solution",
     "implicit_hypergradient",
     "implicit_hypergradient_and_info",
@@ -121,6 +124,62 @@ def hypergradient_from_solution(problem: Problem, x: PyTree, y: PyTree,
   """
   _, pullback = derivatives.lower_vjp(problem, x, y, lower_batch)
   return _estimate(pullback, v, grad_x_f, grad_y_f)
+
+
+class SingleLoopEstimate(NamedTuple):
+  r"""What :func:`single_loop_estimate` returns.
+
+  Attributes:
+    upper_loss: ``f(x, y, upper_batch)``.
+    lower_grad: :math:`\nabla_y g(x, y)` on the lower batch.
+    hypergradient: :math:`\nabla_x f - J v`.
+    linear_grad: :math:`H v - \nabla_y f`, the gradient in ``v`` of
+      :math:`\tfrac12 v^\top H v - \nabla_y f^\top v`.
+    linear_residual_norm: :math:`\|H v - \nabla_y f\|`.
+  """
+  upper_loss: jax.Array
+  lower_grad: PyTree
+  hypergradient: PyTree
+  linear_grad: PyTree
+  linear_residual_norm: jax.Array
+
+
+def single_loop_estimate(problem: Problem, x: PyTree, y: PyTree, v: PyTree,
+                         upper_batch=None, lower_batch=None
+                         ) -> SingleLoopEstimate:
+  r"""Every oracle of a single-loop step (SOBA, MA-SOBA, BO-REP) at once.
+
+  One ``jax.vjp`` of :math:`\nabla_y g` on ``lower_batch`` gives
+  :math:`\nabla_y g`, :math:`H v` and :math:`J v`; one backward pass of
+  ``f`` on ``upper_batch`` gives :math:`\nabla_x f` and :math:`\nabla_y f`.
+  Cost: ``1 Gf + 1 Gg + 1 HVP + 1 JVP``.
+  """
+  lower_grad, hv, cross = derivatives.lower_hvp_and_cross(
+      problem, x, y, v, lower_batch)
+  upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
+      problem, x, y, upper_batch)
+  linear_grad = optax.tree.sub(hv, grad_y_f)
+  return SingleLoopEstimate(upper_loss, lower_grad,
+                            optax.tree.sub(grad_x_f, cross), linear_grad,
+                            optax.tree.norm(linear_grad))
+
+
+def linear_descent(optimizer: optax.GradientTransformation,
+                   linear_grad: PyTree, opt_state: PyTree, v: PyTree,
+                   radius: float | None = None):
+  r"""One optimizer step on :math:`\tfrac12 v^\top H v - \nabla_y f^\top v`.
+
+  Projected onto the ball :math:`\|v\| \le` ``radius`` when given (the
+  safeguard of the analyses of MA-SOBA and BO-REP).
+
+  Returns:
+    ``(v, opt_state)``.
+  """
+  updates, opt_state = optimizer.update(linear_grad, opt_state, v)
+  v = optax.apply_updates(v, updates)
+  if radius is not None:
+    v = optax.projections.projection_l2_ball(v, radius)
+  return v, opt_state
 
 
 def implicit_hypergradient(

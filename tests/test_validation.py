@@ -1,10 +1,34 @@
-"""Bad input gives a clear error at construction or init, never deep in JAX."""
+"""Bad input gives a clear error at construction or init, never deep in JAX.
+
+Every error case is an entry of ``CASES``; ``docs/errors.md`` has one table
+row per case, keyed by the case id, and ``test_docs_table_matches_cases``
+keeps the two in step (ids, stages, exception types and message starts).
+"""
+
+import pathlib
+import re
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 
 import bilevel
+from bilevel import _base
+
+DOCS = pathlib.Path(__file__).parent.parent / "docs" / "errors.md"
+SOLVERS = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
+           "ttsa")
+# Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step).
+COUNTED = ("aid", "itd", "stocbio", "amigo", "borep")
+# Solvers with an upper_optimizer (BO-REP and MA-SOBA fix their update rule
+# and take upper_step_size, checked in tests/test_solvers.py).
+UPPER_OPTIMIZED = tuple(name for name in SOLVERS
+                        if name not in ("borep", "ma_soba"))
+X = jnp.zeros(3)
+Y = jnp.zeros(3)
+KEY = jax.random.key(0)
 
 
 def _lower(x, y, batch):
@@ -15,112 +39,482 @@ def _upper(x, y, batch):
   return jnp.sum((y - 1.0) ** 2)
 
 
-X = jnp.zeros(3)
-Y = jnp.zeros(3)
-SOLVERS = ["aid", "itd", "stocbio", "soba", "amigo"]
+PROBLEM = bilevel.Problem(_upper, _lower)
+# The same problem with x = {"w": array}, to see leaf paths in messages.
+DICT_X_PROBLEM = bilevel.Problem(lambda x, y, b: _upper(x["w"], y, b),
+                                 lambda x, y, b: _lower(x["w"], y, b))
 
 
-def _init(problem, x=X, y=Y, data=None, name="aid"):
-  return getattr(bilevel.solvers, name)(problem).init(
-      x, y, key=jax.random.key(0), data=data)
+def _solver(name, problem=PROBLEM, **kwargs):
+  return getattr(bilevel.solvers, name)(problem, **kwargs)
+
+
+def _init(name, problem=PROBLEM, x=X, y=Y, data=None, key=KEY):
+  return _solver(name, problem).init(x, y, key=key, data=data)
+
+
+def _lower_data(**kwargs):
+  return bilevel.Data(**{"lower": {"v": jnp.ones((5, 3))}, **kwargs})
+
+
+def _fail(error):
+  raise error
+
+
+def _step_with_other_data(name):
+  problem = bilevel.Problem(_upper, lambda x, y, b: _lower(x, y, b) + 0.0)
+  data = _lower_data(lower_batch_size=2)
+  solver = _solver(name, problem)
+  state = solver.init(X, Y, key=KEY, data=data)
+  return solver.step(state, None)
+
+
+class Case(NamedTuple):
+  """One kind of bad input.
+
+  Attributes:
+    id: the case's id, also the first column of its row in docs/errors.md.
+    stage: when the error is raised: "construction", "init" or "run".
+    make: ``make(solver_name)`` triggers the error.
+    exception: the exception type raised.
+    match: a regular expression the message must match.
+    solvers: the solver names ``make`` is run with.
+  """
+  id: str
+  stage: str
+  make: Callable[[str], Any]
+  exception: type
+  match: str
+  solvers: tuple = ("aid",)
+
+
+CASES = [
+    # The problem itself.
+    Case("objective-not-callable", "construction",
+         lambda name: bilevel.Problem(_upper, 3.0), TypeError,
+         r"Problem.lower must be a callable objective g\(x, y, batch\)"),
+    Case("projection-not-callable", "construction",
+         lambda name: bilevel.Problem(_upper, _lower, project_y=(0.0, 1.0)),
+         TypeError, "Problem.project_y must be None or a callable"),
+    Case("constraint-not-callable", "construction",
+         lambda name: bilevel.Problem(_upper, _lower,
+                                      lower_constraints="y <= 1"),
+         TypeError, "Problem.lower_constraints must be None or a callable"),
+    Case("problem-not-a-problem", "construction",
+         lambda name: _solver(name, (_upper, _lower)), TypeError,
+         r"bilevel.solvers.\w+ expects a bilevel.Problem.*got tuple",
+         SOLVERS),
+    Case("lower-constraints-refused", "construction",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: y - 1.0)),
+         ValueError,
+         r"solvers.\w+ cannot handle lower-level constraints "
+         r"\(Problem.lower_constraints\).*silently ignore", SOLVERS),
+    Case("lower-equality-constraints-refused", "construction",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower,
+             lower_equality_constraints=lambda x, y: jnp.sum(y) - 1.0)),
+         ValueError, r"\(Problem.lower_equality_constraints\)", SOLVERS),
+    Case("joint-projection-refused", "construction",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, project_xy=lambda x, y: (x, y))),
+         ValueError, r"\(Problem.project_xy\).*project_x/project_y", UPPER_OPTIMIZED),
+    # Step sizes, schedules and optimizers.
+    Case("step-size-negative", "construction",
+         lambda name: _solver(name, upper_optimizer=-1.0), ValueError,
+         r"upper_optimizer \(a step size\) must be positive; got -1.0",
+         UPPER_OPTIMIZED),
+    Case("step-size-zero", "construction",
+         lambda name: _solver(name, lower_optimizer=0.0), ValueError,
+         r"lower_optimizer \(a step size\) must be positive; got 0.0",
+         UPPER_OPTIMIZED),
+    Case("step-size-nan", "construction",
+         lambda name: _solver(name, upper_optimizer=float("nan")),
+         ValueError, "upper_optimizer .* got NaN", UPPER_OPTIMIZED),
+    Case("step-size-infinite", "construction",
+         lambda name: _solver(name, upper_optimizer=float("inf")),
+         ValueError, "must be finite; got inf", UPPER_OPTIMIZED),
+    Case("step-size-string", "construction",
+         lambda name: _solver(name, upper_optimizer="fast"), TypeError,
+         r"upper_optimizer must be an optax optimizer.*'fast' \(type str\)",
+         UPPER_OPTIMIZED),
+    Case("step-size-array", "construction",
+         lambda name: _solver(name, upper_optimizer=jnp.ones(3)), ValueError,
+         r"must be a scalar; got an array .* shape \(3,\)", UPPER_OPTIMIZED),
+    Case("step-size-negative-array", "construction",
+         lambda name: _solver(name, lower_optimizer=jnp.asarray(-0.1)),
+         ValueError, "lower_optimizer .* must be positive; got -0.1",
+         UPPER_OPTIMIZED),
+    Case("optimizer-factory-uncalled", "construction",
+         lambda name: _solver(name, upper_optimizer=optax.adam), TypeError,
+         r"upper_optimizer is a callable.*returned a "
+         r"GradientTransformationExtraArgs.*optax.adam\(1e-3\)", UPPER_OPTIMIZED),
+    Case("schedule-not-scalar", "construction",
+         lambda name: _solver(name, lower_optimizer=lambda t: jnp.ones(3)),
+         TypeError, r"lower_optimizer is a callable.*\[3\], not a real "
+         "scalar", UPPER_OPTIMIZED),
+    Case("schedule-wrong-signature", "construction",
+         lambda name: _solver(name, upper_optimizer=lambda: 0.1), TypeError,
+         "upper_optimizer is a callable.*failed with TypeError", UPPER_OPTIMIZED),
+    # Counts and the other solver options.
+    Case("count-zero", "construction",
+         lambda name: _solver(name, num_lower_steps=0), ValueError,
+         "num_lower_steps must be positive; got 0", COUNTED),
+    Case("count-negative", "construction",
+         lambda name: _solver(name, num_lower_steps=-2), ValueError,
+         "num_lower_steps must be positive; got -2", COUNTED),
+    Case("count-float", "construction",
+         lambda name: _solver(name, num_lower_steps=10.0), TypeError,
+         r"num_lower_steps must be an int .*got 10.0 \(type float\)",
+         COUNTED),
+    Case("count-bool", "construction",
+         lambda name: _solver(name, num_lower_steps=True), TypeError,
+         "num_lower_steps must be an int", COUNTED),
+    Case("linear-steps-zero", "construction",
+         lambda name: _solver(name, num_linear_steps=0), ValueError,
+         "num_linear_steps must be positive", ("amigo",)),
+    Case("neumann-terms-zero", "construction",
+         lambda name: _solver(name, num_neumann_terms=0), ValueError,
+         "num_neumann_terms must be positive", ("stocbio",)),
+    Case("neumann-step-size-negative", "construction",
+         lambda name: _solver(name, neumann_step_size=-0.5), ValueError,
+         "neumann_step_size must be positive; got -0.5", ("stocbio",)),
+    Case("neumann-step-size-string", "construction",
+         lambda name: _solver(name, neumann_step_size="0.5"), TypeError,
+         r"neumann_step_size must be a number; got '0.5' \(type str\)",
+         ("stocbio",)),
+    Case("linear-solver-wrong-type", "construction",
+         lambda name: _solver(name, linear_solver=bilevel.linear_solve.cg),
+         TypeError, r"linear_solver must be a "
+         r"bilevel.linear_solve.LinearSolver.*cg\(maxiter=10\).*got the "
+         "callable cg", ("aid",)),
+    Case("linear-solver-negative-step", "construction",
+         lambda name: bilevel.linear_solve.neumann(step_size=-0.5,
+                                                   num_terms=5),
+         ValueError, "neumann step_size must be positive; got -0.5"),
+    # The variables.
+    Case("x-integer", "init",
+         lambda name: _init(name, x=jnp.arange(3)), TypeError,
+         r"x \(the upper variable\) must hold floating-point arrays; found "
+         r"dtype int\d+\[3\] at x", SOLVERS),
+    Case("y-empty", "init", lambda name: _init(name, y={}), TypeError,
+         r"y \(the lower variable\) is an empty pytree", SOLVERS),
+    Case("x-none", "init", lambda name: _init(name, x=None), TypeError,
+         r"x \(the upper variable\) is an empty pytree \(None\)", SOLVERS),
+    Case("y-only-none-leaves", "init",
+         lambda name: _init(name, y={"w": None}), TypeError,
+         r"y \(the lower variable\) is an empty pytree", SOLVERS),
+    Case("x-list-of-floats", "init",
+         lambda name: _init(name, x=[0.0, 0.0, 0.0]), TypeError,
+         r"must be a pytree of arrays; found a float at x\[0\].*"
+         r"jnp.asarray\(\[...\]\)", SOLVERS),
+    Case("y-wrong-structure", "init",
+         lambda name: _init(name, bilevel.Problem(
+             lambda x, y, b: jnp.sum(y["w"] ** 2),
+             lambda x, y, b: jnp.sum(y["w"] ** 2))), TypeError,
+         r"Calling the upper objective f\(x, y, batch\) failed", SOLVERS),
+    Case("x-wrong-shape", "init",
+         lambda name: _init(name, x=jnp.zeros(4)), TypeError,
+         r"objective .* failed with x of structure float\d+\[4\]", SOLVERS),
+    # The objectives.
+    Case("upper-not-scalar", "init",
+         lambda name: _init(name, bilevel.Problem(
+             lambda x, y, b: (y - 1.0) ** 2, _lower)), ValueError,
+         r"upper objective f\(x, y, batch\) must return a scalar.*\[3\]",
+         SOLVERS),
+    Case("lower-not-scalar", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, lambda x, y, b: y * x)), ValueError,
+         r"lower objective g\(x, y, batch\) must return a scalar", SOLVERS),
+    Case("lower-integer", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, lambda x, y, b: jnp.sum(y > 0).astype(jnp.int32))),
+         ValueError, "lower objective g.*floating-point scalar.*int32",
+         SOLVERS),
+    Case("objective-raises", "init",
+         lambda name: _init(name, bilevel.Problem(
+             lambda x, y, b: _fail(ValueError("no upper data")), _lower)),
+         TypeError, r"Calling the upper objective f\(x, y, batch\) failed.*"
+         "ValueError: no upper data", SOLVERS),
+    Case("objective-fails-on-batch", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, lambda x, y, b: jnp.sum(y * b["w"])),
+                            data=_lower_data(lower_batch_size=2)),
+         TypeError, "lower objective g.*batch of structure.*KeyError",
+         SOLVERS),
+    Case("projection-changes-shape", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, _lower, project_x=lambda x: x[:2])), ValueError,
+         "Problem.project_x must return a pytree of the structure and "
+         "shapes", SOLVERS),
+    Case("projection-fails", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, _lower, project_y=lambda y: y["w"])), TypeError,
+         "Calling Problem.project_y on", SOLVERS),
+    # Lower-level constraints (checked by bilevel.validate).
+    Case("lower-constraints-fail", "init",
+         lambda name: bilevel.validate(bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: y["w"]), X, Y),
+         TypeError, r"Calling Problem.lower_constraints\(x, y\) failed"),
+    Case("lower-constraints-not-float", "init",
+         lambda name: bilevel.validate(bilevel.Problem(
+             _upper, _lower, lower_equality_constraints=lambda x, y: y > 0),
+                                       X, Y), ValueError,
+         r"Problem.lower_equality_constraints\(x, y\) must return a pytree "
+         "of floating-point arrays.*bool"),
+    Case("lower-constraints-empty", "init",
+         lambda name: bilevel.validate(bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: {}), X, Y),
+         ValueError, r"Problem.lower_constraints\(x, y\) returned no arrays"),
+    Case("joint-projection-wrong-output", "init",
+         lambda name: bilevel.validate(bilevel.Problem(
+             _upper, _lower, project_xy=lambda x, y: y), X, Y), ValueError,
+         r"Problem.project_xy\(x, y\) must return a pair \(x, y\)"),
+    # Non-finite values at the initial point.
+    Case("x0-not-finite", "init",
+         lambda name: _init(name, DICT_X_PROBLEM,
+                            x={"w": jnp.array([0.0, jnp.inf, 0.0])}),
+         ValueError, r"x0\['w'\] \(the initial upper variable\) is not "
+         r"finite: 1 of 3 .*inf at index \(1,\)", SOLVERS),
+    Case("y0-not-finite", "init",
+         lambda name: _init(name, y=jnp.full(3, jnp.nan)), ValueError,
+         r"y0 \(the initial lower variable\) is not finite: 3 of 3", SOLVERS),
+    Case("upper-not-finite", "init",
+         lambda name: _init(name, bilevel.Problem(
+             lambda x, y, b: jnp.log(jnp.sum(y)), _lower)), ValueError,
+         "upper objective f is -inf at the initial point.*batch=None.*log "
+         "of a non-positive number", SOLVERS),
+    Case("lower-not-finite", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, lambda x, y, b: jnp.mean(b["v"] / jnp.sum(y ** 2))),
+                            data=_lower_data(lower_batch_size=2)),
+         ValueError, r"lower objective g is inf at the initial point .* "
+         r"first batch \(the first 2 samples of Data.lower\)", SOLVERS),
+    # Data and keys.
+    Case("data-not-data", "init",
+         lambda name: _init(name, data={"lower": jnp.ones((4, 3))}),
+         TypeError, "data must be a bilevel.Data .*got dict", SOLVERS),
+    Case("data-lengths-disagree", "init",
+         lambda name: _init(name, data=bilevel.Data(
+             lower={"a": jnp.ones((5, 3)), "b": jnp.ones(4)})), ValueError,
+         r"arrays of the lower dataset \(Data.lower\) disagree in length",
+         SOLVERS),
+    Case("data-no-sample-axis", "init",
+         lambda name: _init(name, data=bilevel.Data(upper=jnp.ones(()))),
+         ValueError, "needs a leading sample axis; found a scalar", SOLVERS),
+    Case("batch-size-float", "init",
+         lambda name: _init(name, data=_lower_data(lower_batch_size=2.0)),
+         TypeError, "Data.lower_batch_size must be an int or None; got 2.0",
+         SOLVERS),
+    Case("batch-size-zero", "init",
+         lambda name: _init(name, data=_lower_data(lower_batch_size=0)),
+         ValueError, "Data.lower_batch_size must be positive; got 0", SOLVERS),
+    Case("batch-size-too-large", "init",
+         lambda name: _init(name, data=_lower_data(lower_batch_size=10)),
+         ValueError, r"Data.lower_batch_size=10 is larger than the lower "
+         r"dataset \(5 samples\)", SOLVERS),
+    Case("batch-size-without-data", "init",
+         lambda name: _init(name, data=bilevel.Data(upper=jnp.ones((5, 3)),
+                                                    lower_batch_size=2)),
+         ValueError, "Data.lower_batch_size is set but Data.lower is None",
+         SOLVERS),
+    Case("key-missing", "init",
+         lambda name: _init(name, data=_lower_data(lower_batch_size=2),
+                            key=None), ValueError,
+         r"A key is needed to shuffle minibatches.*jax.random.key\(seed\)",
+         SOLVERS),
+    Case("key-int", "init", lambda name: _init(name, key=0), TypeError,
+         r"key must be a JAX PRNG key; got 0 \(type int\).*"
+         r"jax.random.key\(seed\)", SOLVERS),
+    Case("key-float-array", "init",
+         lambda name: _init(name, key=jnp.zeros(2)), TypeError,
+         "key must be a JAX PRNG key; got an array of dtype float", SOLVERS),
+    Case("key-several", "init",
+         lambda name: _init(name, key=jax.random.split(KEY, 3)), ValueError,
+         r"key must be a single PRNG key; got an array of keys of shape "
+         r"\(3,\)", SOLVERS),
+    # Steps and runs.
+    Case("step-data-differs", "run", _step_with_other_data, ValueError,
+         "step.* received data whose minibatch setting differs.*same "
+         "bilevel.Data", SOLVERS),
+    Case("run-num-steps-zero", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=0),
+         ValueError, "num_steps must be positive; got 0"),
+    Case("run-num-steps-float", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3.0),
+         TypeError, "num_steps must be an int"),
+    Case("run-not-a-solver", "run",
+         lambda name: bilevel.run(_solver(name).step, X, Y, num_steps=3),
+         TypeError, r"run\(\) expects a bilevel.BilevelSolver"),
+    Case("run-on-nonfinite-unknown", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
+                                  on_nonfinite="skip"),
+         ValueError, "on_nonfinite must be one of"),
+    Case("run-state-of-another-solver", "run",
+         lambda name: bilevel.run(
+             _solver(name), None, None, num_steps=3,
+             state=_solver("amigo" if name == "aid" else "aid").init(X, Y)),
+         ValueError, "state does not match this solver and data", SOLVERS),
+    Case("run-state-not-a-state", "run",
+         lambda name: bilevel.run(_solver(name), None, None, num_steps=3,
+                                  state={"x": X}),
+         TypeError, "state must be a solver state"),
+    Case("run-diverges", "run",
+         lambda name: bilevel.run(
+             # Lower level 100-smooth: the default lower step 0.5 blows y
+             # up by about 49 per step until exp(y) overflows.
+             _solver(name, bilevel.Problem(
+                 lambda x, y, b: jnp.sum(jnp.exp(y)),
+                 lambda x, y, b: 50.0 * jnp.sum(y ** 2) - jnp.sum(x * y))),
+             X, Y + 1.0, num_steps=50),
+         bilevel.DivergenceError,
+         r"bilevel.run: non-finite values \(NaN or inf\) at step \d+ of 50, "
+         r"in .*state", SOLVERS),
+    Case("run-checkpoint-dir-is-a-file", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
+                                  checkpoint_dir=__file__),
+         ValueError, "checkpoint_dir .* exists and is not a directory"),
+    Case("run-checkpoint-every-zero", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
+                                  checkpoint_every=0),
+         ValueError, "checkpoint_every must be positive; got 0"),
+]
+
+
+def _params():
+  return [pytest.param(case, name, id=f"{case.id}[{name}]")
+          for case in CASES for name in case.solvers]
+
+
+@pytest.mark.parametrize("case,name", _params())
+def test_bad_input_is_rejected_clearly(case, name):
+  with pytest.raises(case.exception, match=case.match):
+    case.make(name)
+
+
+def test_case_ids_are_unique():
+  ids = [case.id for case in CASES]
+  assert len(ids) == len(set(ids))
+  assert all(case.stage in ("construction", "init", "run") for case in CASES)
+
+
+def _docs_rows():
+  """``{id: (stage, exception, message start)}`` of the docs' table."""
+  rows = {}
+  for line in DOCS.read_text().splitlines():
+    match = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|(.*)\|\s*$", line)
+    if match:
+      cells = [cell.strip() for cell in match.group(2).split("|")]
+      assert len(cells) == 3, line
+      stage, exception, message = cells
+      rows[match.group(1)] = (stage, exception.strip("`"),
+                              message.strip("`").rstrip("…").rstrip())
+  return rows
+
+
+def test_docs_table_matches_cases():
+  """docs/errors.md lists every case, with its stage, type and message."""
+  rows = _docs_rows()
+  assert set(rows) == {case.id for case in CASES}
+  for case in CASES:
+    stage, exception, message = rows[case.id]
+    assert stage == case.stage, case.id
+    assert exception == case.exception.__name__, case.id
+    with pytest.raises(case.exception) as info:
+      case.make(case.solvers[0])
+    assert str(info.value).startswith(message), (case.id, str(info.value))
+
+
+def test_docs_keep_the_run_loop_section():
+  assert "\n## Run loop\n" in DOCS.read_text()
 
 
 @pytest.mark.parametrize("name", SOLVERS)
 def test_valid_problem_initialises(name):
-  state = _init(bilevel.Problem(_upper, _lower), name=name)
+  state = _init(name)
   assert state.x.shape == (3,)
 
 
-@pytest.mark.parametrize("name", SOLVERS)
-def test_non_scalar_upper_names_the_objective(name):
-  problem = bilevel.Problem(lambda x, y, b: (y - 1.0) ** 2, _lower)
-  with pytest.raises(ValueError, match=r"upper objective f.*scalar.*\[3\]"):
-    _init(problem, name=name)
+@pytest.mark.parametrize("optimizer", [
+    optax.adam(1e-3),
+    optax.inject_hyperparams(optax.adam)(learning_rate=1e-3),
+    optax.schedules.cosine_decay_schedule(0.1, 100),
+    lambda count: 0.1 / jnp.sqrt(count + 1.0),
+    lambda count: 1,
+    jnp.asarray(0.1),
+    0.1,
+], ids=["adam", "extra-args", "optax-schedule", "lambda-schedule",
+        "int-schedule", "array", "float"])
+@pytest.mark.parametrize("name", UPPER_OPTIMIZED)
+def test_valid_optimizers_are_accepted(name, optimizer):
+  solver = _solver(name, upper_optimizer=optimizer, lower_optimizer=optimizer)
+  state = solver.init(X, Y)
+  if name == "aid":  # one solver is enough to see that optax takes them
+    state, _ = jax.jit(solver.step)(state)
+  assert bool(jnp.all(jnp.isfinite(state.x)))
 
 
-def test_non_scalar_lower_names_the_objective():
-  problem = bilevel.Problem(_upper, lambda x, y, b: y * x)
-  with pytest.raises(ValueError, match="lower objective g.*scalar"):
-    _init(problem)
-
-
-def test_integer_objective_is_rejected():
-  problem = bilevel.Problem(_upper,
-                            lambda x, y, b: jnp.sum(y > 0).astype(jnp.int32))
-  with pytest.raises(ValueError, match="lower objective g.*floating"):
-    _init(problem)
-
-
-def test_wrong_structure_of_y_names_the_objective():
-  problem = bilevel.Problem(lambda x, y, b: jnp.sum(y["w"] ** 2),
-                            lambda x, y, b: jnp.sum(y["w"] ** 2))
-  with pytest.raises(TypeError, match=r"upper objective f\(x, y, batch\)"):
-    _init(problem, y=jnp.zeros(3))
-
-
-def test_wrong_shape_of_x_names_the_objective():
-  problem = bilevel.Problem(_upper, _lower)
-  with pytest.raises(TypeError, match="objective.*x of structure"):
-    _init(problem, x=jnp.zeros(4))
-
-
-def test_integer_variables_are_rejected():
-  with pytest.raises(TypeError, match="floating-point"):
-    _init(bilevel.Problem(_upper, _lower), x=jnp.arange(3))
-
-
-def test_empty_variables_are_rejected():
-  with pytest.raises(TypeError, match="empty"):
-    _init(bilevel.Problem(_upper, _lower), y={})
-
-
-def test_objectives_must_be_callable():
-  with pytest.raises(TypeError, match="Problem.lower must be a callable"):
-    bilevel.Problem(_upper, 3.0)
-
-
-def test_projection_changing_shape_is_rejected():
-  problem = bilevel.Problem(_upper, _lower, project_x=lambda x: x[:2])
-  with pytest.raises(ValueError, match="project_x"):
-    _init(problem)
-
-
-def test_objective_that_fails_on_the_batch():
-  problem = bilevel.Problem(_upper, lambda x, y, b: jnp.sum(y * b["w"]))
-  data = bilevel.Data(lower={"v": jnp.ones((5, 3))}, lower_batch_size=2)
-  with pytest.raises(TypeError, match="lower objective g.*batch"):
-    _init(problem, data=data)
-
-
-def test_step_with_other_data_than_init():
+@pytest.mark.parametrize("key", [jax.random.key(0), jax.random.PRNGKey(0)],
+                         ids=["typed", "legacy"])
+def test_typed_and_legacy_keys_are_accepted(key):
+  data = _lower_data(lower_batch_size=2)
   problem = bilevel.Problem(_upper, lambda x, y, b: _lower(x, y, b) + 0.0)
-  data = bilevel.Data(lower={"v": jnp.ones((5, 3))}, lower_batch_size=2)
-  solver = bilevel.solvers.soba(problem)
-  state = solver.init(X, Y, key=jax.random.key(0), data=data)
-  with pytest.raises(ValueError, match="same bilevel.Data"):
-    solver.step(state, None)
+  state = _solver("soba", problem).init(X, Y, key=key, data=data)
+  assert state.sampler.lower is not None
 
 
-def test_data_of_wrong_type():
-  with pytest.raises(TypeError, match="bilevel.Data"):
-    _init(bilevel.Problem(_upper, _lower), data={"lower": jnp.ones((4, 3))})
+def test_keys_are_checked_under_vmap():
+  keys = jax.random.split(KEY, 2)
+  init = lambda key: _solver("aid").init(X, Y, key=key)
+  assert jax.vmap(init)(keys).x.shape == (2, 3)
+  with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
+    jax.vmap(init)(jnp.zeros((2, 3)))
 
 
-def test_run_rejects_bad_arguments():
-  solver = bilevel.solvers.aid(bilevel.Problem(_upper, _lower))
-  with pytest.raises(ValueError, match="num_steps"):
-    bilevel.run(solver, X, Y, num_steps=0)
-  with pytest.raises(TypeError, match="num_steps"):
-    bilevel.run(solver, X, Y, num_steps=3.0)
-  with pytest.raises(TypeError, match="BilevelSolver"):
-    bilevel.run(solver.step, X, Y, num_steps=3)
+def test_non_finite_check_is_skipped_when_traced():
+  """Under jit, vmap or eval_shape the initial values are not inspected."""
+  solver = _solver("aid")
+  bad = jnp.full(3, jnp.nan)
+  assert jax.jit(lambda y: solver.init(X, y).y)(bad).shape == (3,)
+  assert jax.vmap(lambda y: solver.init(X, y).y)(bad[None]).shape == (1, 3)
+  assert jax.eval_shape(lambda: solver.init(X, bad).y).shape == (3,)
+
+
+def test_non_finite_check_compiles_once_per_problem_and_shapes():
+  problem = bilevel.Problem(_upper, _lower)
+  solver = _solver("aid", problem)
+  before = _base._initial_values._cache_size()  # pylint: disable=protected-access
+  for _ in range(3):
+    solver.init(X, Y)
+  assert _base._initial_values._cache_size() == before + 1  # pylint: disable=protected-access
+
+
+def test_non_finite_check_sees_only_the_first_batch():
+  """A NaN past the first batch is the run loop's business, not init's."""
+  values = jnp.ones((6, 3)).at[4].set(jnp.nan)
+  problem = bilevel.Problem(_upper, lambda x, y, b: jnp.mean(b["v"] @ y))
+  data = bilevel.Data(lower={"v": values}, lower_batch_size=2)
+  _solver("soba", problem).init(X, Y, key=KEY, data=data)
+  with pytest.raises(ValueError, match="lower objective g is nan.*whole"):
+    _solver("soba", problem).init(X, Y, key=KEY,
+                                  data=bilevel.Data(lower={"v": values}))
+
+
+def test_lower_constraints_are_validated_and_reported():
+  problem = bilevel.Problem(
+      _upper, _lower, lower_constraints=lambda x, y: {"box": y - 1.0},
+      lower_equality_constraints=lambda x, y: jnp.sum(y) - jnp.sum(x),
+      project_xy=lambda x, y: (x, jnp.clip(y, -1.0, 1.0)))
+  bilevel.validate(problem, X, Y)
+  assert problem.has_lower_constraints
+  assert not PROBLEM.has_lower_constraints
+  assert problem.lower_constraint_fields == (
+      "lower_constraints", "lower_equality_constraints", "project_xy")
 
 
 def test_traced_step_sizes_are_not_checked_eagerly():
-  problem = bilevel.Problem(_upper, _lower)
-
   def final(step_size):
-    solver = bilevel.solvers.aid(problem, upper_optimizer=step_size)
+    solver = bilevel.solvers.aid(PROBLEM, upper_optimizer=step_size)
     return bilevel.run(solver, X, Y, num_steps=3).x
 
   assert jax.jit(final)(0.5).shape == (3,)

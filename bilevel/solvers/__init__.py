@@ -6,19 +6,30 @@ hypergradient estimate ``grad_x f - J v``.
 
 from bilevel.solvers._aid import AIDState, aid
 from bilevel.solvers._amigo import AmIGOState, amigo
+from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
+                                    normalized_momentum)
 from bilevel.solvers._itd import ITDState, itd
-from bilevel.solvers._soba import SOBAState, soba
+from bilevel.solvers._soba import SOBAState, ma_soba, soba
 from bilevel.solvers._stocbio import StocBiOState, stocbio
+from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
 
 __all__ = [
     "AIDState",
     "AmIGOState",
+    "BOREPInfo",
+    "BOREPState",
     "ITDState",
     "SOBAState",
     "StocBiOState",
+    "TTSAState",
     "aid",
     "amigo",
+    "borep",
     "itd",
+    "ma_soba",
+    "normalized_momentum",
+    "power_schedule",
     "soba",
     "stocbio",
+    "ttsa",
 ]

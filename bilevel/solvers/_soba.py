@@ -26,10 +26,11 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from bilevel import _base, _data, derivatives
-from bilevel import linear_solve as linear_solve_lib
+from bilevel import _base, _data
 from bilevel._problem import Problem
-from bilevel._validation import as_optimizer
+from bilevel._validation import (as_optimizer, check_in_interval,
+                                 check_positive, check_step_size)
+from bilevel.hypergradient import linear_descent, single_loop_estimate
 
 PyTree = Any
 
@@ -47,8 +48,8 @@ class SOBAState(NamedTuple):
 
 
 def soba(problem: Problem, *, upper_optimizer: Any = 0.5,
-         lower_optimizer: Any = 0.5, linear_optimizer: Any = 0.5
-         ) -> _base.BilevelSolver:
+         lower_optimizer: Any = 0.5, linear_optimizer: Any = 0.5,
+         linear_radius: float | None = None) -> _base.BilevelSolver:
   """SOBA.
 
   Args:
@@ -58,14 +59,68 @@ def soba(problem: Problem, *, upper_optimizer: Any = 0.5,
       ``optax.schedules.polynomial_schedule`` or ``lambda t: c / sqrt(t+1)``.
     lower_optimizer: same for ``y`` (:math:`\\rho`).
     linear_optimizer: same for ``v`` (:math:`\\rho^v`).
+    linear_radius: radius of a ball ``v`` is projected onto after each step
+      (``None``: no projection).
 
   Returns:
     A :class:`bilevel.BilevelSolver`; one step costs
     ``1 Gf + 1 Gg + 1 HVP + 1 JVP``.
   """
+  return _soba(problem, "soba", upper_optimizer=upper_optimizer,
+               lower_optimizer=lower_optimizer,
+               linear_optimizer=linear_optimizer, linear_radius=linear_radius)
+
+
+def ma_soba(problem: Problem, *, upper_step_size: Any = 0.5,
+            momentum: float = 0.9, lower_optimizer: Any = 0.5,
+            linear_optimizer: Any = 0.5, linear_radius: float | None = None
+            ) -> _base.BilevelSolver:
+  r"""MA-SOBA: SOBA with a moving average of the hypergradient estimates.
+
+  .. math::
+
+     m_{t+1} = \beta m_t + (1 - \beta) (\nabla_x f - J v_t), \qquad
+     x_{t+1} = \Pi_X(x_t - \gamma_t m_{t+1}),
+
+  ``y`` and ``v`` as in :func:`soba`. It is BO-REP
+  (:func:`bilevel.solvers.borep`) without normalization, refinement and
+  periodic lower updates: its natural ablation. The analysis projects ``v``
+  onto a ball (``linear_radius``).
+
+  Args:
+    problem: the bilevel problem (lower level strongly convex in ``y``).
+    upper_step_size: :math:`\gamma`, a float or an optax schedule.
+    momentum: :math:`\beta \in [0, 1)`.
+    lower_optimizer: optax optimizer, step size or schedule for ``y``.
+    linear_optimizer: same for ``v``.
+    linear_radius: radius of the ball of ``v`` (``None``: no projection).
+
+  Returns:
+    A :class:`bilevel.BilevelSolver`; one step costs
+    ``1 Gf + 1 Gg + 1 HVP + 1 JVP``.
+
+  References:
+    Chen, Xu & Zhang, "Optimal algorithms for stochastic bilevel optimization
+    under relaxed smoothness conditions", arXiv 2306.12067, 2023.
+  """
+  check_step_size("upper_step_size", upper_step_size)
+  check_in_interval("momentum", momentum, 0.0, 1.0)
+  upper_optimizer = optax.chain(optax.ema(momentum, debias=False),
+                                optax.scale_by_learning_rate(upper_step_size))
+  return _soba(problem, "ma_soba", upper_optimizer=upper_optimizer,
+               lower_optimizer=lower_optimizer,
+               linear_optimizer=linear_optimizer, linear_radius=linear_radius)
+
+
+def _soba(problem: Problem, name: str, *, upper_optimizer, lower_optimizer,
+          linear_optimizer, linear_radius) -> _base.BilevelSolver:
+  """SOBA's step with any upper optimizer (``name`` for error messages)."""
+  _base.require_unconstrained(problem, name)
   upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
   lower_optimizer = as_optimizer("lower_optimizer", lower_optimizer)
   linear_optimizer = as_optimizer("linear_optimizer", linear_optimizer)
+  if linear_radius is not None:
+    check_positive("linear_radius", linear_radius)
 
   def init(x, y, *, key=None, data=None) -> SOBAState:
     sampler = _base.prepare(problem, x, y, data, key)
@@ -81,23 +136,19 @@ def soba(problem: Problem, *, upper_optimizer: Any = 0.5,
     x, y, v = state.x, state.y, state.v
     lower_batch, sampler = _data.sample(state.sampler, data, "lower")
     upper_batch, sampler = _data.sample(sampler, data, "upper")
-    grad_y_g, hv, cross = derivatives.lower_hvp_and_cross(
-        problem, x, y, v, lower_batch)
-    upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
-        problem, x, y, upper_batch)
-    linear_grad = optax.tree.sub(hv, grad_y_f)
-    hypergradient = optax.tree.sub(grad_x_f, cross)
-
+    estimate = single_loop_estimate(problem, x, y, v, upper_batch,
+                                    lower_batch)
     updates, lower_opt_state = lower_optimizer.update(
-        grad_y_g, state.lower_opt_state, y)
+        estimate.lower_grad, state.lower_opt_state, y)
     y_next = problem.projected_y(optax.apply_updates(y, updates))
-    updates, linear_opt_state = linear_optimizer.update(
-        linear_grad, state.linear_opt_state, v)
-    v_next = optax.apply_updates(v, updates)
+    v_next, linear_opt_state = linear_descent(
+        linear_optimizer, estimate.linear_grad, state.linear_opt_state, v,
+        linear_radius)
     x_next, upper_opt_state, info = _base.upper_step(
-        problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
-        upper_loss=upper_loss, lower_grad_norm=optax.tree.norm(grad_y_g),
-        linear_residual_norm=linear_solve_lib.residual_norm(hv, grad_y_f))
+        problem, upper_optimizer, estimate.hypergradient,
+        state.upper_opt_state, x, upper_loss=estimate.upper_loss,
+        lower_grad_norm=optax.tree.norm(estimate.lower_grad),
+        linear_residual_norm=estimate.linear_residual_norm)
     return SOBAState(x_next, y_next, v_next, upper_opt_state,
                      lower_opt_state, linear_opt_state, sampler,
                      state.num_steps + 1), info
