@@ -13,3 +13,11 @@ from problems.ridge import ridge
 
 __all__ = ["Instance", "hyper_cleaning", "hyper_cleaning_data",
            "logistic_regularization", "quadratic", "ridge"]
+
+from problems.rnn import (rnn_classification_data, rnn_hyper_cleaning,
+                          rnn_hyper_representation, rnn_hyperparameter,
+                          rnn_tasks_data)
+
+__all__ += ["rnn_classification_data", "rnn_hyper_cleaning",
+            "rnn_hyper_representation", "rnn_hyperparameter",
+            "rnn_tasks_data"]
