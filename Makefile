@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m problems.demo --out results/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -q
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
