@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 _OPTIMIZER_HINT = (
@@ -111,6 +112,18 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False
   if value < 0 or (value == 0 and not allow_zero):
     bound = "non-negative" if allow_zero else "positive"
     raise ValueError(f"{name} must be {bound}; got {value}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """``TypeError`` unless ``value`` is a Python (or NumPy) bool.
+
+  A flag fixes the structure of the computation, so it cannot be traced;
+  anything else (``"no"``, ``0``, ``None``) is refused rather than read by
+  its truthiness.
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool (True or False); got "
+                    f"{describe_value(value)}.")
 
 
 def check_in_interval(name: str, value: Any, low: float, high: float) -> None:

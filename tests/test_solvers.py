@@ -271,3 +271,27 @@ def test_every_oracle_draws_a_fresh_minibatch(name, lower_batches_per_step):
   state, _ = jax.jit(solver.step)(state, instance.data)
   assert int(state.sampler.lower.position) == 7 * lower_batches_per_step
   assert int(state.sampler.upper.position) == 7
+
+
+def test_aid_cold_linear_start_ignores_the_previous_v():
+  instance = _deterministic()
+  one_cg = bilevel.linear_solve.cg(tol=0.0, maxiter=1)
+  x_after = {}
+  for warm in (True, False):
+    solver = bilevel.solvers.aid(instance.problem, linear_solver=one_cg,
+                                 warm_start_linear=warm)
+    state = solver.init(instance.x0, instance.y0)
+    far = state._replace(v=jax.tree.map(lambda v: v + 1e3, state.v))
+    x_after[warm] = (solver.step(state)[0].x, solver.step(far)[0].x)
+  # Cold: the solve starts from zero whatever v the state carries.
+  np.testing.assert_array_equal(*x_after[False])
+  # Warm: one CG iteration from a far start leaves a different v and x.
+  assert float(jnp.max(jnp.abs(x_after[True][0] - x_after[True][1]))) > 1.0
+
+
+def test_aid_cold_linear_start_reaches_closed_form_optimum():
+  instance = _deterministic()
+  solver = bilevel.solvers.aid(instance.problem, upper_optimizer=1.0,
+                               lower_optimizer=1.0, warm_start_linear=False)
+  result = bilevel.run(solver, instance.x0, instance.y0, num_steps=600)
+  assert _relative_error(result.x, instance.x_star) <= 1e-3

@@ -188,6 +188,10 @@ CASES = [
          TypeError, r"linear_solver must be a "
          r"bilevel.linear_solve.LinearSolver.*cg\(maxiter=10\).*got the "
          "callable cg", ("aid",)),
+    Case("flag-not-bool", "construction",
+         lambda name: _solver(name, warm_start_linear="no"), TypeError,
+         r"warm_start_linear must be a bool \(True or False\); got 'no' "
+         r"\(type str\)", ("aid",)),
     Case("linear-solver-negative-step", "construction",
          lambda name: bilevel.linear_solve.neumann(step_size=-0.5,
                                                    num_terms=5),
