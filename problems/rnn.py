@@ -811,6 +811,14 @@ def rnn_hyper_representation(key: jax.Array | None = None, *,
   become means over the batch. For a fixed encoder ``g`` is :math:`\mu/N`
   strongly convex in ``y`` and separable across tasks.
 
+  Minibatches: the upper and the lower minibatches are drawn independently,
+  so they hold different tasks, and the minibatch Hessian of ``g`` is zero
+  on the heads of the tasks it does not hold. Solvers that take damped steps
+  on the linear system (SOBA, BO-REP, StocBiO's Neumann series) are
+  unaffected; a few CG iterations on that singular system blow up (AID
+  diverged within 5 steps at every step size tried, see
+  ``paper_repro/borep/README.md``).
+
   Scale: on a batch of ``B`` tasks, the gradient of ``g`` with respect to one
   head is :math:`1/B` times that of its task's own loss, and each head is in
   a batch with probability ``B / N``; a lower step size ``B`` times larger
