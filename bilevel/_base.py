@@ -306,17 +306,22 @@ def lower_loop(problem: Problem, optimizer: optax.GradientTransformation,
   return y, opt_state, sampler, grad_norm
 
 
-def lower_batches(sampler, data, num: int):
-  """``num`` lower batches for per-term operands (stacked), or the full batch.
+def level_batches(sampler, data, level: str, num: int):
+  """``num`` batches of ``level`` for per-term operands, or the full batch.
 
   Returns:
-    ``(fixed_batch, stacked_batches, sampler)``: for a stochastic lower
-    level ``stacked_batches`` has a leading axis ``num`` and ``fixed_batch``
-    is ``None``; otherwise ``stacked_batches`` is ``None`` and every term
-    uses ``fixed_batch``.
+    ``(fixed_batch, stacked_batches, sampler)``: for a stochastic level
+    ``stacked_batches`` has a leading axis ``num`` and ``fixed_batch`` is
+    ``None``; otherwise ``stacked_batches`` is ``None`` and every term uses
+    ``fixed_batch``.
   """
-  if _data.is_stochastic(data, "lower"):
-    stacked, sampler = _data.sample_many(sampler, data, "lower", num)
+  if _data.is_stochastic(data, level):
+    stacked, sampler = _data.sample_many(sampler, data, level, num)
     return None, stacked, sampler
-  batch, sampler = _data.sample(sampler, data, "lower")
+  batch, sampler = _data.sample(sampler, data, level)
   return batch, None, sampler
+
+
+def lower_batches(sampler, data, num: int):
+  """:func:`level_batches` of the lower level."""
+  return level_batches(sampler, data, "lower", num)

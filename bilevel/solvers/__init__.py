@@ -9,6 +9,8 @@ from bilevel.solvers._amigo import AmIGOState, amigo
 from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
                                     normalized_momentum)
 from bilevel.solvers._itd import ITDState, itd
+from bilevel.solvers._penalty import (PenaltyInfo, PenaltyState, penalty,
+                                      penalty_schedule)
 from bilevel.solvers._soba import SOBAState, ma_soba, soba
 from bilevel.solvers._stocbio import StocBiOState, stocbio
 from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
@@ -19,6 +21,8 @@ __all__ = [
     "BOREPInfo",
     "BOREPState",
     "ITDState",
+    "PenaltyInfo",
+    "PenaltyState",
     "SOBAState",
     "StocBiOState",
     "TTSAState",
@@ -28,6 +32,8 @@ __all__ = [
     "itd",
     "ma_soba",
     "normalized_momentum",
+    "penalty",
+    "penalty_schedule",
     "power_schedule",
     "soba",
     "stocbio",

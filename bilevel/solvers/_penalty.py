@@ -1,0 +1,306 @@
+r"""The penalty method of Kwon, Kwon, Wright & Nowak: first-order bilevel.
+
+The hyper-objective :math:`\psi(x) = \min_{y \in S(x)} f(x, y)`, with
+:math:`S(x) = \arg\min_{y \in Y} g(x, y)` possibly a set (the optimistic
+value), is approximated by the value-function penalty
+
+.. math::
+
+   \psi_\lambda(x) = \min_{y \in Y} \Bigl[f(x, y) + \lambda \bigl(g(x, y)
+       - \min_{z \in Y} g(x, z)\bigr)\Bigr],
+
+whose gradient needs first derivatives only (Danskin):
+
+.. math::
+
+   \nabla \psi_\lambda(x) = \nabla_x f(x, y_\lambda) + \lambda \bigl(
+       \nabla_x g(x, y_\lambda) - \nabla_x g(x, z^*)\bigr),
+   \qquad y_\lambda = \arg\min_{y \in Y} f + \lambda g, \quad
+   z^* = \arg\min_{z \in Y} g.
+
+Under a proximal error bound of the lower level,
+:math:`|\psi_\lambda - \psi| = O(1/\lambda)` and
+:math:`\|\nabla\psi_\lambda - \nabla\psi\| = O(1/\lambda)`, with several lower
+solutions allowed.
+
+**Parameterisation.** This library uses the penalty weight
+:math:`\lambda = 1/\sigma` throughout (``penalty``); the paper writes
+:math:`h_\sigma = \sigma f + g` and :math:`\psi_\sigma = (l(x, \sigma) -
+l(x, 0)) / \sigma`, which is :math:`\psi_\lambda` at :math:`\lambda =
+1/\sigma`. The ``y`` iterate descends :math:`h_\sigma = f / \lambda + g`
+(the paper's scaling), so ``lower_optimizer`` keeps the meaning of a lower
+step size whatever :math:`\lambda`: the conditioning of :math:`h_\sigma`
+tends to that of ``g`` as :math:`\lambda` grows.
+
+Double loop (the paper's Algorithm 1), at outer step :math:`k` with
+:math:`\lambda_k` from ``penalty``:
+
+.. math::
+
+   &\text{repeat } T \text{ times, one fresh lower and upper batch each:} \\
+   &\qquad y \leftarrow \Pi_Y\bigl(y - \text{step}(\nabla_y f(x_k, y)/\lambda_k
+          + \nabla_y g(x_k, y))\bigr) \\
+   &\qquad z \leftarrow \Pi_Y\bigl(z - \text{step}(\nabla_y g(x_k, z))\bigr) \\
+   &h_k = \nabla_x f(x_k, y) + \lambda_k\bigl(\nabla_x g(x_k, y)
+          - \nabla_x g(x_k, z)\bigr) \\
+   &x_{k+1} = \Pi_X(\text{upper optimizer step along } h_k)
+
+``y`` and ``z`` are warm-started from the previous outer step, and both are
+projected onto ``Y`` (``Problem.project_y``): without the projection of
+``z`` the subtracted term is not :math:`\min_{z \in Y} g`. In the outer step
+the two lower gradients are taken on the same batch, and so are ``y``'s and
+``z``'s steps in the inner loop: their difference, multiplied by
+:math:`\lambda`, is what matters, and common samples keep its variance small.
+
+**Penalty schedule.** The analysis fixes :math:`\sigma = O(\epsilon)`; in
+practice a large :math:`\lambda` from the start makes the first outer steps
+noisy (the difference of two inexact lower gradients is multiplied by
+:math:`\lambda`). :func:`penalty_schedule` grows :math:`\lambda`
+geometrically from ``initial`` to ``final`` over ``num_steps`` outer steps
+(``sigma`` halves every ``num_steps * log 2 / log(final / initial)`` steps)
+and then holds it; a fixed number is also accepted.
+
+References:
+  Kwon, Kwon, Wright & Nowak, "On penalty methods for nonconvex bilevel
+  optimization and first-order stochastic approximation", ICLR 2024.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bilevel import _base, _data, derivatives
+from bilevel._problem import Problem
+from bilevel._validation import (as_optimizer, check_positive,
+                                 check_positive_int, check_step_size)
+
+PyTree = Any
+
+
+class PenaltyState(NamedTuple):
+  """State of :func:`penalty` (and of :func:`bilevel.solvers.f2sa`).
+
+  Attributes:
+    x: upper variable.
+    y: minimiser of the penalised objective :math:`f/\\lambda + g`.
+    z: minimiser of the lower objective ``g``.
+    upper_opt_state: state of the upper optimizer.
+    y_opt_state: state of ``y``'s optimizer.
+    z_opt_state: state of ``z``'s optimizer.
+    sampler: minibatch sampler.
+    num_steps: outer steps taken.
+  """
+  x: PyTree
+  y: PyTree
+  z: PyTree
+  upper_opt_state: PyTree
+  y_opt_state: PyTree
+  z_opt_state: PyTree
+  sampler: _data.SamplerState
+  num_steps: jax.Array
+
+
+class PenaltyInfo(NamedTuple):
+  r"""Diagnostics of one outer step.
+
+  Attributes:
+    upper_loss: ``f(x_k, y)`` on the upper batch of the outer step.
+    lower_grad_norm: :math:`\|\nabla_y g(x_k, z)\|` before ``z``'s last
+      inner step.
+    hypergradient_norm: :math:`\|h_k\|`.
+    penalty: :math:`\lambda_k`.
+    lower_gap: :math:`g(x_k, y) - g(x_k, z)` on the outer lower batch, the
+      lower-level suboptimality of ``y`` (about :math:`O(1/\lambda)` when
+      both inner problems are solved).
+  """
+  upper_loss: jax.Array
+  lower_grad_norm: jax.Array
+  hypergradient_norm: jax.Array
+  penalty: jax.Array
+  lower_gap: jax.Array
+
+
+def penalty_schedule(initial: float = 1.0, final: float = 100.0,
+                     num_steps: int = 1000) -> Callable[[jax.Array],
+                                                        jax.Array]:
+  r"""Penalty weight growing geometrically, then constant.
+
+  .. math::
+
+     \lambda_k = \lambda_0 \, (\lambda_\infty / \lambda_0)^{\min(k / K, 1)}.
+
+  Args:
+    initial: :math:`\lambda_0 > 0`.
+    final: :math:`\lambda_\infty \ge \lambda_0`.
+    num_steps: :math:`K`, outer steps to reach ``final``.
+
+  Returns:
+    A schedule ``k -> lambda_k``.
+  """
+  check_positive("penalty_schedule initial", initial)
+  check_positive("penalty_schedule final", final)
+  check_positive_int("penalty_schedule num_steps", num_steps)
+  if final < initial:
+    raise ValueError(f"penalty_schedule final ({final}) must be >= initial "
+                     f"({initial}): the penalty weight grows (sigma = "
+                     "1/lambda shrinks).")
+  log_ratio = math.log(final / initial)
+
+  def schedule(count):
+    fraction = jnp.minimum(jnp.asarray(count, jnp.float32) / num_steps, 1.0)
+    return initial * jnp.exp(log_ratio * fraction)
+
+  return schedule
+
+
+def as_schedule(name: str, value: Any) -> Callable[[jax.Array], jax.Array]:
+  """A positive number or a schedule, as a schedule of the step count."""
+  check_step_size(name, value)
+  if callable(value):
+    return value
+  return lambda count: jnp.asarray(value, jnp.float32)
+
+
+def penalised_grads(problem: Problem, x: PyTree, y: PyTree, z: PyTree,
+                    upper_batch, lower_batch, *, upper_weight,
+                    lower_weight):
+  r"""The two inner directions on common batches.
+
+  Returns:
+    ``(upper_weight * grad_y f(x, y) + lower_weight * grad_y g(x, y),
+    grad_y g(x, z))``; the penalty method passes ``(1 / lambda, 1)``, F2SA
+    ``(1, lambda)``.
+  """
+  grad_y_f = jax.grad(problem.upper, 1)(x, y, upper_batch)
+  grad_y_g = derivatives.lower_grad(problem, x, y, lower_batch)
+  direction = jax.tree.map(
+      lambda a, b: (upper_weight * a + lower_weight * b).astype(a.dtype),
+      grad_y_f, grad_y_g)
+  return direction, derivatives.lower_grad(problem, x, z, lower_batch)
+
+
+def inner_loop(problem: Problem, y_optimizer, z_optimizer, x, y, z,
+               y_opt_state, z_opt_state, sampler, data, num_steps: int, *,
+               upper_weight, lower_weight):
+  """``num_steps`` projected steps of ``y`` and ``z`` (fresh batches each).
+
+  Returns:
+    ``(y, z, y_opt_state, z_opt_state, sampler, lower_grad_norm)``.
+  """
+  upper_fixed, upper_stack, sampler = _base.level_batches(
+      sampler, data, "upper", num_steps)
+  lower_fixed, lower_stack, sampler = _base.level_batches(
+      sampler, data, "lower", num_steps)
+
+  def body(carry, batches):
+    y_, z_, y_state, z_state, _ = carry
+    upper_batch, lower_batch = batches
+    upper_batch = upper_fixed if upper_stack is None else upper_batch
+    lower_batch = lower_fixed if lower_stack is None else lower_batch
+    y_direction, z_direction = penalised_grads(
+        problem, x, y_, z_, upper_batch, lower_batch,
+        upper_weight=upper_weight, lower_weight=lower_weight)
+    y_updates, y_state = y_optimizer.update(y_direction, y_state, y_)
+    z_updates, z_state = z_optimizer.update(z_direction, z_state, z_)
+    y_ = problem.projected_y(optax.apply_updates(y_, y_updates))
+    z_ = problem.projected_y(optax.apply_updates(z_, z_updates))
+    return (y_, z_, y_state, z_state, optax.tree.norm(z_direction)), None
+
+  init = (y, z, y_opt_state, z_opt_state, optax.tree.norm(z) * 0.0)
+  (y, z, y_opt_state, z_opt_state, grad_norm), _ = jax.lax.scan(
+      body, init, (upper_stack, lower_stack), length=num_steps)
+  return y, z, y_opt_state, z_opt_state, sampler, grad_norm
+
+
+def penalty_hypergradient(problem: Problem, x, y, z, penalty_weight,
+                          upper_batch, lower_batch):
+  r""":math:`\nabla_x f(x, y) + \lambda (\nabla_x g(x, y) - \nabla_x g(x, z))`.
+
+  Both lower gradients on ``lower_batch``.
+
+  Returns:
+    ``(hypergradient, upper_loss, lower_gap)`` with ``lower_gap = g(x, y) -
+    g(x, z)`` on the batch.
+  """
+  upper_loss, grad_x_f = jax.value_and_grad(problem.upper)(x, y, upper_batch)
+  g_y, grad_x_g_y = jax.value_and_grad(problem.lower)(x, y, lower_batch)
+  g_z, grad_x_g_z = jax.value_and_grad(problem.lower)(x, z, lower_batch)
+  hypergradient = jax.tree.map(
+      lambda f_, a, b: (f_ + penalty_weight * (a - b)).astype(f_.dtype),
+      grad_x_f, grad_x_g_y, grad_x_g_z)
+  return hypergradient, upper_loss, g_y - g_z
+
+
+def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
+            lower_optimizer: Any = 0.5, penalty: Any = None,
+            num_inner_steps: int = 10) -> _base.BilevelSolver:
+  r"""The double-loop penalty method (Kwon et al., ICLR 2024, Algorithm 1).
+
+  See the module docstring for the update rule and the parameterisation
+  (:math:`\lambda = 1/\sigma`).
+
+  Args:
+    problem: the bilevel problem; ``project_x`` and ``project_y`` are the
+      closed convex sets ``X`` and ``Y``. ``g`` may be nonconvex in ``y`` and
+      have several minimisers (the method targets the optimistic value).
+      Lower-level constraints coupling ``x`` and ``y`` are refused.
+    upper_optimizer: optax optimizer, step size or schedule for ``x``.
+    lower_optimizer: optax optimizer, step size or schedule for the inner
+      steps of ``y`` (on :math:`f/\lambda + g`) and ``z`` (on ``g``); each
+      keeps its own state, warm-started across outer steps.
+    penalty: :math:`\lambda_k`, a positive number or a schedule of the outer
+      step; default ``penalty_schedule(1.0, 100.0, 1000)``.
+    num_inner_steps: ``T``, inner steps per outer step.
+
+  Returns:
+    A :class:`bilevel.BilevelSolver` whose ``step`` returns
+    :class:`PenaltyInfo`. One outer step costs ``(T + 1) Gf + 2 (T + 1) Gg``
+    and no second derivatives.
+  """
+  _base.require_unconstrained(problem, "penalty")
+  upper_optimizer = as_optimizer("upper_optimizer", upper_optimizer)
+  lower_optimizer = as_optimizer("lower_optimizer", lower_optimizer)
+  penalty_fn = as_schedule("penalty", penalty_schedule()
+                           if penalty is None else penalty)
+  check_positive_int("num_inner_steps", num_inner_steps)
+
+  def init(x, y, *, key=None, data=None) -> PenaltyState:
+    sampler = _base.prepare(problem, x, y, data, key)
+    return PenaltyState(
+        x=x, y=y, z=y, upper_opt_state=upper_optimizer.init(x),
+        y_opt_state=lower_optimizer.init(y),
+        z_opt_state=lower_optimizer.init(y), sampler=sampler,
+        num_steps=jnp.zeros((), jnp.int32))
+
+  def step(state: PenaltyState, data=None):
+    _base.check_step_data(state.sampler, data)
+    x = state.x
+    weight = penalty_fn(state.num_steps)
+    y, z, y_opt_state, z_opt_state, sampler, lower_grad_norm = inner_loop(
+        problem, lower_optimizer, lower_optimizer, x, state.y, state.z,
+        state.y_opt_state, state.z_opt_state, state.sampler, data,
+        num_inner_steps, upper_weight=1.0 / weight, lower_weight=1.0)
+    upper_batch, sampler = _data.sample(sampler, data, "upper")
+    lower_batch, sampler = _data.sample(sampler, data, "lower")
+    hypergradient, upper_loss, lower_gap = penalty_hypergradient(
+        problem, x, y, z, weight, upper_batch, lower_batch)
+    x, upper_opt_state = _base.update_x(problem, upper_optimizer,
+                                        hypergradient, state.upper_opt_state,
+                                        x)
+    info = PenaltyInfo(
+        upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
+        hypergradient_norm=optax.tree.norm(hypergradient),
+        penalty=jnp.asarray(weight, upper_loss.dtype),
+        lower_gap=lower_gap)
+    return PenaltyState(x, y, z, upper_opt_state, y_opt_state, z_opt_state,
+                        sampler, state.num_steps + 1), info
+
+  oracle_calls = _base.OracleCalls(
+      upper_grads=num_inner_steps + 1,
+      lower_grads=2 * (num_inner_steps + 1), hvps=0, cross_products=0)
+  return _base.BilevelSolver(init, step, oracle_calls)

@@ -1,0 +1,215 @@
+"""The penalty method of Kwon et al. (ICLR 2024) and its problems."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bilevel
+import problems
+
+
+def _relative_error(x, x_star):
+  return float(jnp.linalg.norm(x - x_star) / jnp.linalg.norm(x_star))
+
+
+@functools.lru_cache(maxsize=None)
+def _quadratic():
+  return problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
+                            condition_number=10.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _least_squares():
+  return problems.underdetermined_least_squares(jax.random.key(0))
+
+
+def _penalty_run(instance, weight, *, num_steps=1000, upper=0.1,
+                 num_inner_steps=20):
+  solver = bilevel.solvers.penalty(
+      instance.problem, upper_optimizer=upper, lower_optimizer=0.5,
+      penalty=weight, num_inner_steps=num_inner_steps)
+  return bilevel.run(solver, instance.x0, instance.y0, num_steps=num_steps)
+
+
+class TestProblems:
+
+  def test_least_squares_closed_forms(self):
+    instance = _least_squares()
+    x = jnp.linspace(-1.0, 1.0, 5)
+    y = instance.lower_solution(x)
+    # y*(x) minimises g (A y = x) ...
+    grad_y_g = jax.grad(instance.problem.lower, 1)(x, y, None)
+    assert float(jnp.linalg.norm(grad_y_g)) < 1e-12
+    # ... and is the solution closest to the upper target: grad_y f is
+    # orthogonal to the solution set (in the row space of A).
+    grad_y_f = jax.grad(instance.problem.upper, 1)(x, y, None)
+    step = 1e-3 * jax.random.normal(jax.random.key(1), (12,))
+    a = jax.jacobian(lambda y_: jax.grad(instance.problem.lower, 0)(
+        jnp.zeros(5), y_, None))(y)  # -A
+    null_step = step - jnp.linalg.pinv(a) @ (a @ step)
+    assert abs(float(grad_y_f @ null_step)) < 1e-12
+    value = lambda x_: instance.problem.upper(x_, instance.lower_solution(
+        x_), None)
+    np.testing.assert_allclose(instance.value(x), value(x), rtol=1e-12)
+    np.testing.assert_allclose(instance.hypergradient(x),
+                               jax.grad(value)(x), rtol=1e-10, atol=1e-12)
+    assert float(jnp.linalg.norm(instance.hypergradient(
+        instance.x_star))) < 1e-12
+
+  def test_box_solution_is_on_the_boundary_and_inside(self):
+    instance = problems.box_constrained(jax.random.key(0), dim=30)
+    x_star = instance.x_star
+    assert int(jnp.sum(x_star == 0.0)) > 0
+    assert int(jnp.sum(x_star == 1.0)) > 0
+    assert int(jnp.sum((x_star > 0) & (x_star < 1))) > 0
+    # x* minimises Phi: no coordinate move of 1e-3 lowers it.
+    for i in range(30):
+      for sign in (-1.0, 1.0):
+        moved = x_star.at[i].add(sign * 1e-3)
+        assert float(instance.value(moved)) >= float(
+            instance.value(x_star)) - 1e-15
+
+  @pytest.mark.parametrize("builder, kwargs", [
+      (problems.underdetermined_least_squares, dict(dim_x=5, dim_y=5)),
+      (problems.underdetermined_least_squares, dict(rho=0.0)),
+      (problems.box_constrained, dict(rho=-1.0)),
+      (problems.box_constrained, dict(low=1.0, high=0.0)),
+  ])
+  def test_bad_arguments(self, builder, kwargs):
+    with pytest.raises(ValueError):
+      builder(**kwargs)
+
+
+class TestPenalty:
+
+  @pytest.mark.parametrize("name", ["quadratic", "least_squares"])
+  def test_gap_to_the_solution_shrinks_like_one_over_penalty(self, name):
+    instance = _quadratic() if name == "quadratic" else _least_squares()
+    upper = 1.0 if name == "quadratic" else 0.1
+    errors = {weight: _relative_error(
+        _penalty_run(instance, weight, upper=upper, num_steps=2000).x,
+        instance.x_star) for weight in (10.0, 100.0)}
+    # O(1/lambda): ten times the penalty, about a tenth of the error.
+    assert 7.0 < errors[10.0] / errors[100.0] < 13.0, errors
+    assert errors[100.0] < 0.02, errors
+
+  def test_reaches_optimistic_solution_where_implicit_methods_fail(self):
+    instance = _least_squares()
+    result = _penalty_run(instance, None, num_steps=2000)  # default schedule
+    assert _relative_error(result.x, instance.x_star) < 1e-2
+    # SOBA keeps y on the solution reached from y0 (the row space of A),
+    # which minimises another hyper-objective.
+    soba = bilevel.solvers.soba(instance.problem, upper_optimizer=0.1,
+                                lower_optimizer=0.5, linear_optimizer=0.5)
+    other = bilevel.run(soba, instance.x0, instance.y0, num_steps=2000)
+    assert _relative_error(other.x, instance.x_star) > 0.3
+    # AID's conjugate gradients on the singular lower Hessian blow up.
+    aid = bilevel.solvers.aid(instance.problem, upper_optimizer=0.1,
+                              lower_optimizer=0.5)
+    with pytest.raises(bilevel.DivergenceError):
+      bilevel.run(aid, instance.x0, instance.y0, num_steps=2000)
+
+  def test_box_constrained_iterates_stay_feasible_and_reach_x_star(self):
+    instance = problems.box_constrained(jax.random.key(0))
+    solver = bilevel.solvers.penalty(
+        instance.problem,
+        upper_optimizer=optax.exponential_decay(0.5, 100, 0.5),
+        lower_optimizer=0.5, penalty=1000.0, num_inner_steps=30)
+    state = solver.init(instance.x0, instance.y0)
+    step = jax.jit(solver.step)
+    for _ in range(1000):
+      state, info = step(state)
+      for variable in (state.y, state.z):
+        assert float(jnp.min(variable)) >= 0.0
+        assert float(jnp.max(variable)) <= 1.0
+    # Error O(1/lambda) = 5e-4 here, active and inactive coordinates alike.
+    assert float(jnp.max(jnp.abs(state.x - instance.x_star))) < 2e-3
+    assert float(info.lower_gap) >= -1e-12
+
+  def test_projection_of_x(self):
+    instance = _quadratic()
+    problem = bilevel.Problem(
+        instance.problem.upper, instance.problem.lower,
+        project_x=lambda x: optax.projections.projection_box(x, -0.1, 0.1))
+    solver = bilevel.solvers.penalty(problem, upper_optimizer=1.0,
+                                     lower_optimizer=1.0, penalty=10.0)
+    result = bilevel.run(solver, instance.x0 * 0.0, instance.y0,
+                         num_steps=50)
+    assert float(jnp.max(jnp.abs(result.x))) <= 0.1
+
+  def test_info_and_oracle_calls(self):
+    instance = _quadratic()
+    solver = bilevel.solvers.penalty(instance.problem, upper_optimizer=1.0,
+                                     lower_optimizer=1.0, penalty=50.0,
+                                     num_inner_steps=7)
+    assert solver.oracle_calls == bilevel.OracleCalls(
+        upper_grads=8, lower_grads=16, hvps=0, cross_products=0)
+    result = bilevel.run(solver, instance.x0, instance.y0, num_steps=300)
+    np.testing.assert_allclose(result.history.penalty, 50.0)
+    # y minimises f/lambda + g, z minimises g: 0 <= g(y) - g(z) = O(1/lambda).
+    gap = float(result.history.lower_gap[-1])
+    assert 0.0 <= gap < 1.0 / 50.0
+    # The hypergradient is that of psi_lambda at a stationary point: ~0.
+    assert float(result.history.hypergradient_norm[-1]) < 1e-8
+
+  def test_hypergradient_matches_the_exact_one_as_penalty_grows(self):
+    instance = _quadratic()
+    x = instance.x0 + 0.3
+    exact = jax.grad(instance.value)(x)
+    errors = []
+    for weight in (10.0, 100.0, 1000.0):
+      solver = bilevel.solvers.penalty(instance.problem, upper_optimizer=1.0,
+                                       lower_optimizer=1.0, penalty=weight,
+                                       num_inner_steps=2000)
+      state = solver.init(x, instance.y0)
+      _, info = solver.step(state)
+      # Recompute h_k at the converged inner iterates from the state.
+      new_state, _ = solver.step(state)
+      hypergradient, _, _ = bilevel.solvers._penalty.penalty_hypergradient(
+          instance.problem, x, new_state.y, new_state.z, weight, None, None)
+      errors.append(float(jnp.linalg.norm(hypergradient - exact)))
+    assert errors[1] < errors[0] / 7 and errors[2] < errors[1] / 7, errors
+
+  def test_schedule(self):
+    schedule = bilevel.solvers.penalty_schedule(2.0, 200.0, 100)
+    np.testing.assert_allclose(schedule(0), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(schedule(50), 20.0, rtol=1e-5)
+    np.testing.assert_allclose(schedule(100), 200.0, rtol=1e-5)
+    np.testing.assert_allclose(schedule(1000), 200.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be >= initial"):
+      bilevel.solvers.penalty_schedule(10.0, 1.0)
+
+  @pytest.mark.parametrize("kwargs, error, match", [
+      (dict(num_inner_steps=0), ValueError, "num_inner_steps must be "
+       "positive"),
+      (dict(penalty=-1.0), ValueError, "penalty must be positive"),
+      (dict(penalty=optax.sgd(0.1)), TypeError, "penalty is a step size"),
+      (dict(lower_optimizer="fast"), TypeError, "lower_optimizer must be"),
+  ])
+  def test_bad_hyperparameters(self, kwargs, error, match):
+    with pytest.raises(error, match=match):
+      bilevel.solvers.penalty(_quadratic().problem, **kwargs)
+
+  def test_refuses_coupled_lower_constraints(self):
+    problem = bilevel.Problem(_quadratic().problem.upper,
+                              _quadratic().problem.lower,
+                              lower_constraints=lambda x, y: y - 1.0)
+    with pytest.raises(ValueError, match="cannot handle lower-level"):
+      bilevel.solvers.penalty(problem)
+
+  def test_stochastic_deterministic_given_key_and_jittable(self):
+    instance = problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
+                                  condition_number=10.0, num_samples=256,
+                                  batch_size=16)
+    solver = bilevel.solvers.penalty(instance.problem, upper_optimizer=0.3,
+                                     lower_optimizer=0.5, penalty=10.0)
+    runs = [bilevel.run(solver, instance.x0, instance.y0, instance.data,
+                        num_steps=200, key=jax.random.key(3))
+            for _ in range(2)]
+    np.testing.assert_array_equal(runs[0].x, runs[1].x)
+    start = _relative_error(instance.x0, instance.x_star)
+    assert _relative_error(runs[0].x, instance.x_star) < 0.3 * start
