@@ -27,8 +27,8 @@ import pytest
 import bilevel
 import problems
 
-SOLVERS = ("aid", "amigo", "borep", "itd", "ma_soba", "soba", "stocbio",
-           "ttsa")
+SOLVERS = ("aid", "amigo", "bome", "borep", "f2sa", "itd", "ma_soba",
+           "penalty", "soba", "stocbio", "ttsa")
 KEY = jax.random.key(0)
 OTHER_KEY = jax.random.key(1)
 TESTS = pathlib.Path(__file__).resolve().parent

@@ -31,9 +31,13 @@ SOLVERS = ("aid", "amigo", "itd", "soba", "stocbio")
 # Every solver, for the tests of dtype stability and run-to-run tracking at
 # default hyperparameters (the accuracy tests below use SOLVERS and their
 # ACCURATE settings).
-ALL_SOLVERS = SOLVERS + ("borep", "ma_soba", "ttsa")
-# MA-SOBA's moving average (momentum 0.9) barely moves x in 12 steps.
-DEFAULTS = {"ma_soba": dict(momentum=0.5)}
+ALL_SOLVERS = SOLVERS + ("borep", "ma_soba", "ttsa", "penalty", "f2sa",
+                         "bome")
+# MA-SOBA's moving average (momentum 0.9) barely moves x in 12 steps, nor
+# do the penalty method's and BOME's default steps.
+DEFAULTS = {"ma_soba": dict(momentum=0.5),
+            "penalty": dict(upper_optimizer=1.0),
+            "bome": dict(step_size=0.5)}
 
 # Step sizes with which every solver converges fast on the quadratics below
 # (condition number 10), as in tests/test_solvers.py: ITD and StocBiO need

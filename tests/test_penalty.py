@@ -1,4 +1,4 @@
-"""The penalty method of Kwon et al. (ICLR 2024) and its problems."""
+"""First-order methods: the penalty method, F2SA, BOME, and their problems."""
 
 import functools
 
@@ -213,3 +213,121 @@ class TestPenalty:
     np.testing.assert_array_equal(runs[0].x, runs[1].x)
     start = _relative_error(instance.x0, instance.x_star)
     assert _relative_error(runs[0].x, instance.x_star) < 0.3 * start
+
+
+def _tree_close(a, b):
+  np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+class TestF2SA:
+
+  def test_steps_follow_the_paper_pseudocode_and_schedules(self):
+    instance = _quadratic()
+    problem = instance.problem
+    eta0, gamma0, lambda0, offset = 0.2, 0.4, 5.0, 3.0
+    solver = bilevel.solvers.f2sa(problem, upper_step_size=eta0,
+                                  lower_step_size=gamma0, penalty=lambda0,
+                                  num_inner_steps=2, schedule_offset=offset)
+    state = solver.init(instance.x0, instance.y0)
+    x, y, z = instance.x0, instance.y0, instance.y0
+    grad = lambda fun, arg: jax.grad(fun, arg)
+    for k in range(6):
+      s = 1.0 + k / offset
+      lam = lambda0 * s ** (1 / 7)
+      gamma = gamma0 * s ** (-4 / 7)
+      alpha = gamma / lam
+      for _ in range(2):
+        z_new = z - gamma * grad(problem.lower, 1)(x, z, None)
+        y = y - alpha * (grad(problem.upper, 1)(x, y, None)
+                         + lam * grad(problem.lower, 1)(x, y, None))
+        z = z_new
+      h = grad(problem.upper, 0)(x, y, None) + lam * (
+          grad(problem.lower, 0)(x, y, None)
+          - grad(problem.lower, 0)(x, z, None))
+      x = x - eta0 * s ** (-5 / 7) * h
+      state, info = solver.step(state)
+      # The schedules are computed in float32.
+      np.testing.assert_allclose(info.penalty, lam, rtol=1e-6)
+      np.testing.assert_allclose(state.x, x, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.y, y, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.z, z, rtol=1e-5, atol=1e-6)
+
+  def test_larger_initial_penalty_smaller_bias(self):
+    instance = _quadratic()
+    errors = [_relative_error(bilevel.run(
+        bilevel.solvers.f2sa(instance.problem, penalty=weight),
+        instance.x0, instance.y0, num_steps=2000).x, instance.x_star)
+              for weight in (1.0, 10.0, 100.0)]
+    assert errors[0] > 3 * errors[1] > 9 * errors[2], errors
+    assert errors[2] < 0.05, errors
+
+  def test_stochastic_run(self):
+    instance = problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
+                                  condition_number=10.0, num_samples=256,
+                                  batch_size=16)
+    solver = bilevel.solvers.f2sa(instance.problem)
+    result = bilevel.run(solver, instance.x0, instance.y0, instance.data,
+                         num_steps=2000, key=jax.random.key(0))
+    assert _relative_error(result.x, instance.x_star) < 0.15
+    assert solver.oracle_calls == bilevel.OracleCalls(11, 22, 0, 0)
+
+  @pytest.mark.parametrize("kwargs, match", [
+      (dict(penalty=0.0), "penalty must be positive"),
+      (dict(penalty_power=1.5), r"penalty_power must lie in \[0.0, 1.0\)"),
+      (dict(num_inner_steps=0), "num_inner_steps must be positive"),
+  ])
+  def test_bad_hyperparameters(self, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+      bilevel.solvers.f2sa(_quadratic().problem, **kwargs)
+
+
+class TestBOME:
+
+  def test_one_step_is_the_dynamic_barrier_step(self):
+    instance = _quadratic()
+    problem = instance.problem
+    x, y = instance.x0 + 0.5, instance.y0
+    solver = bilevel.solvers.bome(problem, step_size=0.1,
+                                  lower_optimizer=0.5, num_lower_steps=3,
+                                  eta=0.5)
+    state, info = solver.step(solver.init(x, y))
+    y_hat = y
+    for _ in range(3):
+      y_hat = y_hat - 0.5 * jax.grad(problem.lower, 1)(x, y_hat, None)
+    grad_f = jax.grad(problem.upper, (0, 1))(x, y, None)
+    grad_q = jax.grad(lambda x_, y_: problem.lower(x_, y_, None)
+                      - problem.lower(x_, y_hat, None), (0, 1))(x, y)
+    norm2 = sum(float(jnp.sum(g * g)) for g in grad_q)
+    inner = sum(float(jnp.sum(a * b)) for a, b in zip(grad_f, grad_q))
+    multiplier = max(0.5 * norm2 - inner, 0.0) / norm2
+    np.testing.assert_allclose(info.multiplier, multiplier, rtol=1e-10)
+    _tree_close(state.x, x - 0.1 * (grad_f[0] + multiplier * grad_q[0]))
+    _tree_close(state.y, y - 0.1 * (grad_f[1] + multiplier * grad_q[1]))
+    # The joint direction decreases q at rate phi = eta |grad q|^2 (or
+    # faster, when the multiplier is 0).
+    direction = [f_ + multiplier * q_ for f_, q_ in zip(grad_f, grad_q)]
+    rate = sum(float(jnp.sum(d * q_)) for d, q_ in zip(direction, grad_q))
+    assert rate >= 0.5 * norm2 - 1e-9
+
+  def test_bias_shrinks_with_the_step(self):
+    instance = _quadratic()
+    errors, gaps = [], []
+    for step_size in (0.05, 0.02):
+      solver = bilevel.solvers.bome(instance.problem, step_size=step_size,
+                                    num_lower_steps=100)
+      result = bilevel.run(solver, instance.x0, instance.y0, num_steps=4000)
+      errors.append(_relative_error(result.x, instance.x_star))
+      gaps.append(float(result.history.lower_gap[-1]))
+    start = _relative_error(instance.x0, instance.x_star)
+    assert errors[1] < 0.6 * errors[0] and errors[0] < 0.1 * start, errors
+    assert gaps[1] < 0.5 * gaps[0], gaps
+
+  @pytest.mark.parametrize("kwargs, error, match", [
+      (dict(control="hessian"), ValueError, "control must be one of"),
+      (dict(eta=-1.0), ValueError, "eta must be positive"),
+      (dict(step_size=optax.sgd(0.1)), TypeError, "step_size is a step size"),
+      (dict(num_lower_steps=0), ValueError, "num_lower_steps must be"),
+  ])
+  def test_bad_hyperparameters(self, kwargs, error, match):
+    with pytest.raises(error, match=match):
+      bilevel.solvers.bome(_quadratic().problem, **kwargs)

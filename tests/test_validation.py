@@ -19,13 +19,16 @@ from bilevel import _base
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs" / "errors.md"
 SOLVERS = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
-           "ttsa")
-# Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step).
-COUNTED = ("aid", "itd", "stocbio", "amigo", "borep")
-# Solvers with an upper_optimizer (BO-REP and MA-SOBA fix their update rule
-# and take upper_step_size, checked in tests/test_solvers.py).
+           "ttsa", "penalty", "f2sa", "bome")
+# Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step;
+# the penalty method and F2SA count num_inner_steps, checked in
+# tests/test_penalty.py).
+COUNTED = ("aid", "itd", "stocbio", "amigo", "borep", "bome")
+# Solvers with an upper_optimizer and a lower_optimizer (BO-REP, MA-SOBA,
+# F2SA and BOME fix their update rule and take step sizes, checked in
+# tests/test_solvers.py, tests/test_borep.py and tests/test_penalty.py).
 UPPER_OPTIMIZED = tuple(name for name in SOLVERS
-                        if name not in ("borep", "ma_soba"))
+                        if name not in ("borep", "ma_soba", "f2sa", "bome"))
 X = jnp.zeros(3)
 Y = jnp.zeros(3)
 KEY = jax.random.key(0)

@@ -6,8 +6,10 @@ hypergradient estimate ``grad_x f - J v``.
 
 from bilevel.solvers._aid import AIDState, aid
 from bilevel.solvers._amigo import AmIGOState, amigo
+from bilevel.solvers._bome import BOMEInfo, BOMEState, bome
 from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
                                     normalized_momentum)
+from bilevel.solvers._f2sa import f2sa
 from bilevel.solvers._itd import ITDState, itd
 from bilevel.solvers._penalty import (PenaltyInfo, PenaltyState, penalty,
                                       penalty_schedule)
@@ -18,6 +20,8 @@ from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
 __all__ = [
     "AIDState",
     "AmIGOState",
+    "BOMEInfo",
+    "BOMEState",
     "BOREPInfo",
     "BOREPState",
     "ITDState",
@@ -28,7 +32,9 @@ __all__ = [
     "TTSAState",
     "aid",
     "amigo",
+    "bome",
     "borep",
+    "f2sa",
     "itd",
     "ma_soba",
     "normalized_momentum",
