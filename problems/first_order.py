@@ -45,13 +45,15 @@ def underdetermined_least_squares(key: jax.Array | None = None, *,
   + \rho c`, :math:`M = I - A B`. Because ``B`` moves the target with ``x``
   along the null space of ``A``, this differs from what a method that keeps
   ``y`` on one particular solution (e.g. the one reached by gradient descent
-  from ``y0``, in the row space of ``A``) minimises. The lower Hessian :math:`A^\top A` is
-  singular, so implicit differentiation (which inverts it) is ill-posed,
-  while ``g`` satisfies the proximal error bound (a least-squares fit
-  with a full-row-rank matrix), the setting of the penalty method.
+  from ``y0``, in the row space of ``A``) minimises. The lower Hessian
+  :math:`A^\top A` is singular, so implicit differentiation (which inverts
+  it) is ill-posed, while ``g`` satisfies the proximal error bound (a
+  least-squares fit with a full-row-rank matrix), the setting of the
+  penalty method.
 
   Args:
-    key: PRNG key of ``A``, ``B``, ``b``, ``c``; ``None`` is ``jax.random.key(0)``.
+    key: PRNG key of ``A``, ``B``, ``b``, ``c``; ``None`` is
+      ``jax.random.key(0)``.
     dim_x: :math:`d_x`.
     dim_y: :math:`d_y > d_x`.
     rho: :math:`\rho > 0`.

@@ -331,3 +331,70 @@ class TestBOME:
   def test_bad_hyperparameters(self, kwargs, error, match):
     with pytest.raises(error, match=match):
       bilevel.solvers.bome(_quadratic().problem, **kwargs)
+
+
+class TestPenaltyMomentum:
+
+  @pytest.mark.parametrize("weight", [10.0, 100.0])
+  def test_same_fixed_point_as_the_double_loop(self, weight):
+    instance = _quadratic()
+    single = bilevel.solvers.penalty_momentum(
+        instance.problem, upper_optimizer=0.1, lower_optimizer=0.5,
+        penalty=weight, momentum=0.3)
+    result = bilevel.run(single, instance.x0, instance.y0, num_steps=5000)
+    double = _penalty_run(instance, weight, upper=1.0, num_steps=1000)
+    np.testing.assert_allclose(result.x, double.x, rtol=1e-6, atol=1e-8)
+
+  def test_storm_estimate_of_one_step(self):
+    from bilevel import _data
+    instance = problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
+                                  condition_number=10.0, num_samples=256,
+                                  batch_size=16)
+    problem, data, weight, a = instance.problem, instance.data, 7.0, 0.25
+    solver = bilevel.solvers.penalty_momentum(
+        problem, upper_optimizer=0.1, lower_optimizer=0.3, penalty=weight,
+        momentum=a)
+    state0 = solver.init(instance.x0, instance.y0 + 0.1,
+                         key=jax.random.key(2), data=data)
+    state1, _ = solver.step(state0, data)
+    state2, _ = solver.step(state1, data)
+    upper_batch, sampler = _data.sample(state1.sampler, data, "upper")
+    lower_batch, _ = _data.sample(sampler, data, "lower")
+
+    def directions(x, y, z):
+      fx, fy = jax.grad(problem.upper, (0, 1))(x, y, upper_batch)
+      gx_y, gy_y = jax.grad(problem.lower, (0, 1))(x, y, lower_batch)
+      gx_z, gy_z = jax.grad(problem.lower, (0, 1))(x, z, lower_batch)
+      return fx + weight * (gx_y - gx_z), fy / weight + gy_y, gy_z
+
+    now = directions(state1.x, state1.y, state1.z)
+    before = directions(state0.x, state0.y, state0.z)
+    for got, d, old, prev in zip(state2.estimates, now, state1.estimates,
+                                 before):
+      np.testing.assert_allclose(got, d + (1 - a) * (old - prev),
+                                 rtol=1e-10, atol=1e-12)
+    # ... and the correction is not zero (the sample changed).
+    assert max(float(jnp.max(jnp.abs(old - prev))) for old, prev in zip(
+        state1.estimates, before)) > 1e-6
+    np.testing.assert_allclose(
+        state2.x, state1.x - 0.1 * state2.estimates[0], rtol=1e-12)
+
+  def test_box_iterates_feasible(self):
+    instance = problems.box_constrained(jax.random.key(0))
+    solver = bilevel.solvers.penalty_momentum(
+        instance.problem, upper_optimizer=optax.exponential_decay(
+            0.3, 200, 0.5), lower_optimizer=0.5, penalty=100.0)
+    state = solver.init(instance.x0, instance.y0)
+    step = jax.jit(solver.step)
+    for _ in range(2000):
+      state, _ = step(state)
+      for variable in (state.y, state.z):
+        assert 0.0 <= float(jnp.min(variable))
+        assert float(jnp.max(variable)) <= 1.0
+    assert float(jnp.max(jnp.abs(state.x - instance.x_star))) < 2e-2
+
+  @pytest.mark.parametrize("momentum", [0.0, 1.5, -0.1])
+  def test_bad_momentum(self, momentum):
+    with pytest.raises(ValueError, match="momentum must"):
+      bilevel.solvers.penalty_momentum(_quadratic().problem,
+                                       momentum=momentum)

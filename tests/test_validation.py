@@ -19,7 +19,7 @@ from bilevel import _base
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs" / "errors.md"
 SOLVERS = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
-           "ttsa", "penalty", "f2sa", "bome")
+           "ttsa", "penalty", "penalty_momentum", "f2sa", "bome")
 # Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step;
 # the penalty method and F2SA count num_inner_steps, checked in
 # tests/test_penalty.py).

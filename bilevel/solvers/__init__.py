@@ -11,7 +11,8 @@ from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
                                     normalized_momentum)
 from bilevel.solvers._f2sa import f2sa
 from bilevel.solvers._itd import ITDState, itd
-from bilevel.solvers._penalty import (PenaltyInfo, PenaltyState, penalty,
+from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
+                                      PenaltyState, penalty, penalty_momentum,
                                       penalty_schedule)
 from bilevel.solvers._soba import SOBAState, ma_soba, soba
 from bilevel.solvers._stocbio import StocBiOState, stocbio
@@ -26,6 +27,7 @@ __all__ = [
     "BOREPState",
     "ITDState",
     "PenaltyInfo",
+    "PenaltyMomentumState",
     "PenaltyState",
     "SOBAState",
     "StocBiOState",
@@ -39,6 +41,7 @@ __all__ = [
     "ma_soba",
     "normalized_momentum",
     "penalty",
+    "penalty_momentum",
     "penalty_schedule",
     "power_schedule",
     "soba",
