@@ -44,12 +44,9 @@ Writes ``results.md``, ``results.json`` and two PNG figures per setting to
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
-import math
-import pathlib
 import platform
 import sys
 import time
@@ -61,13 +58,13 @@ import optax
 
 import bilevel
 import problems
+from paper_repro import _common as common
 
 SOLVERS = ("borep", "ma_soba", "stocbio", "ttsa", "soba", "aid")
 LABELS = {"borep": "BO-REP", "ma_soba": "MA-SOBA", "stocbio": "StocBiO",
           "ttsa": "TTSA", "soba": "SOBA", "aid": "AID"}
 NUM_INNER = 5  # StocBiO/AID lower steps, Neumann terms, CG iterations, N
 REFINE = 50  # BO-REP's refinement length T0
-UPPER_SCALES = (1 / 3, 1.0, 3.0)
 
 
 @dataclasses.dataclass
@@ -118,14 +115,6 @@ def make_solver(name: str, problem, upper: float, inner: float):
   if name == "frozen":  # the reference: SOBA's lower level, x kept at x0
     return solvers.soba(problem, upper_optimizer=optax.set_to_zero(),
                         lower_optimizer=inner, linear_optimizer=inner)
-  if name == "soba":
-    return solvers.soba(problem, upper_optimizer=upper,
-                        lower_optimizer=inner, linear_optimizer=inner)
-  if name == "stocbio":
-    return solvers.stocbio(problem, upper_optimizer=upper,
-                           lower_optimizer=inner, num_lower_steps=NUM_INNER,
-                           neumann_step_size=inner,
-                           num_neumann_terms=NUM_INNER)
   if name == "ttsa":
     # The two time scales of Hong et al.: t^(-3/5) and t^(-2/5), slowed down
     # so that they start to decay after about a hundred steps.
@@ -133,16 +122,14 @@ def make_solver(name: str, problem, upper: float, inner: float):
         problem, upper_optimizer=lambda t: upper * (1 + t / 100) ** -0.6,
         lower_optimizer=lambda t: inner * (1 + t / 100) ** -0.4,
         neumann_step_size=inner, num_neumann_terms=NUM_INNER)
-  if name == "aid":
-    # Cold-started CG: warm-started, the linear variable grows along the
-    # negative curvature of the (nonconvex) RNN lower level from solve to
-    # solve, and AID overflowed at every grid point of hyper-cleaning and
-    # of the L2 setting (see README.md).
-    return solvers.aid(problem, upper_optimizer=upper, lower_optimizer=inner,
-                       num_lower_steps=NUM_INNER,
-                       linear_solver=bilevel.linear_solve.cg(
-                           maxiter=NUM_INNER),
-                       warm_start_linear=False)
+  # AID's CG is cold-started: warm-started, the linear variable grows along
+  # the negative curvature of the (nonconvex) RNN lower level from solve to
+  # solve, and AID overflowed at every grid point of hyper-cleaning and of
+  # the L2 setting (see README.md).
+  solver = common.baseline(name, problem, upper, inner, NUM_INNER,
+                           warm_start_linear=False)
+  if solver is not None:
+    return solver
   raise ValueError(f"unknown solver {name!r}")
 
 
@@ -174,136 +161,38 @@ def mean_step_cost(name: str, solver) -> float:
 
 
 def run_once(name, instance, upper, inner, budget, key, *, num_points):
-  """One run at a budget of oracle calls.
+  """One run at a budget of oracle calls (see ``paper_repro._common``).
 
   Returns:
-    A dict with the curve (``calls``, ``seconds``, ``accuracy``), the final
-    validation loss and whether the run diverged.
+    A run dict whose metric is ``accuracy`` (test accuracy).
   """
   solver = make_solver(name, instance.problem, upper, inner)
   initial = REFINE if name == "borep" else 0
   num_steps = max(1, int((budget - initial) / mean_step_cost(name, solver)))
-  chunk = max(1, math.ceil(num_steps / num_points))
-  accuracy0 = float(instance.evaluate(instance.x0,
-                                      instance.y0)["test_accuracy"])
-  # ``init`` (BO-REP's refinement included) is jitted here, and both it and
-  # one chunk are compiled before the timed run.
-  init = jax.jit(lambda x, y, k: solver.init(x, y, key=k,
-                                             data=instance.data))
-  kwargs = dict(steps_per_chunk=chunk, progress=False)
-  try:
-    bilevel.run(solver, None, None, instance.data, num_steps=chunk,
-                state=init(instance.x0, instance.y0, key), **kwargs)
-  except bilevel.DivergenceError:
-    pass
-  times, accuracies, excluded = [], [], [0.0]
-
-  def callback(step, state):
-    now = time.perf_counter()
-    accuracy = float(instance.evaluate(state.x, state.y)["test_accuracy"])
-    times.append(now - start - excluded[0])
-    accuracies.append(accuracy)
-    excluded[0] += time.perf_counter() - now
-    return step
-
-  diverged = False
-  init_seconds = 0.0
-  start = time.perf_counter()
-  try:
-    state = jax.block_until_ready(init(instance.x0, instance.y0, key))
-    init_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    result = bilevel.run(solver, None, None, instance.data,
-                         num_steps=num_steps, callback=callback, state=state,
-                         **kwargs)
-  except bilevel.DivergenceError as error:
-    diverged = True
-    result = error.result
-  steps = [step for step, _ in result.evaluations]
-  # Chunk times: the gaps between callbacks, except the first one, which
-  # also holds run()'s checks of the state; it is taken from
-  # ``result.seconds`` (compiled chunks only) when that is available.
-  gaps = np.diff([0.0] + times[:len(steps)])
-  if len(gaps) and math.isfinite(result.seconds) and not diverged:
-    gaps[0] = max(result.seconds - float(np.sum(gaps[1:])), 0.0)
-  times = list(init_seconds + np.cumsum(gaps))
-  history = result.history
-  done = len(np.asarray(history.upper_loss))
-  costs = np.cumsum(step_costs(name, solver, done, history)) + initial
-  calls = [0.0] + [float(costs[min(s, done) - 1]) for s in steps]
-  losses = np.asarray(history.upper_loss)
-  tail = losses[-max(1, len(losses) // 10):]
-  val_loss = float(np.mean(tail)) if not diverged else math.inf
-  if diverged:  # the accuracy of a diverged run is that of a wasted run
-    accuracies = [min(a, accuracy0) for a in accuracies]
-  return {"calls": calls, "seconds": [0.0] + times[:len(steps)],
-          "accuracy": [accuracy0] + accuracies[:len(steps)],
-          "num_steps": num_steps, "diverged": diverged,
-          "val_loss": val_loss}
+  run = common.timed_run(
+      solver, instance, num_steps=num_steps, key=key, num_points=num_points,
+      metric=lambda x, y: instance.evaluate(x, y)["test_accuracy"],
+      step_costs=lambda done, history: step_costs(name, solver, done,
+                                                  history),
+      initial_calls=initial)
+  run["accuracy"] = run.pop("values")
+  return run
 
 
 def tune(setting, name, instance, budget, key, log):
   """The grid point of lowest final validation loss (seed 0)."""
-  best = None
-  for scale in UPPER_SCALES:
-    base = setting.upper_borep if name == "borep" else setting.upper
-    for inner in setting.inner:
-      upper = base * scale
-      out = run_once(name, instance, upper, inner, budget, key, num_points=2)
-      log(f"  tune {setting.name} {name} upper={upper:.4g} inner={inner:g}: "
-          f"val loss {out['val_loss']:.4f}")
-      if best is None or out["val_loss"] < best[0]:
-        best = (out["val_loss"], upper, inner)
-  return best[1], best[2]
-
-
-def value_at(curve_x, curve_y, cutoff):
-  """Last recorded value at or before ``cutoff`` on a step curve."""
-  index = np.searchsorted(np.asarray(curve_x), cutoff, side="right") - 1
-  return curve_y[max(int(index), 0)]
-
-
-def summarise(runs, budget):
-  """Per solver: final accuracy at the budget and at the common time."""
-  finished = [run["seconds"][-1] for per_solver in runs.values()
-              for run in per_solver if not run["diverged"]]
-  cutoff = min(finished) if finished else max(
-      run["seconds"][-1] for per_solver in runs.values() for run in per_solver)
-  rows = {}
-  for name, per_solver in runs.items():
-    at_budget = [run["accuracy"][-1] for run in per_solver]
-    at_time = [value_at(run["seconds"], run["accuracy"], cutoff)
-               for run in per_solver]
-    rows[name] = {
-        "budget_mean": float(np.mean(at_budget)),
-        "budget_std": float(np.std(at_budget)),
-        "time_mean": float(np.mean(at_time)),
-        "time_std": float(np.std(at_time)),
-        "seconds": float(np.mean([run["seconds"][-1] for run in per_solver])),
-        "diverged": int(sum(run["diverged"] for run in per_solver)),
-    }
-  return cutoff, rows
-
-
-AXES = (("calls", "oracle calls (Gf + Gg + HVP + JVP)"),
-        ("seconds", "wall time (s, compilation excluded)"))
+  base = setting.upper_borep if name == "borep" else setting.upper
+  return common.grid_search(
+      base, setting.inner,
+      lambda upper, inner: run_once(name, instance, upper, inner, budget,
+                                    key, num_points=2)["val_loss"],
+      log, f"{setting.name} {name}")
 
 
 def draw(ax, runs, axis, budget, cutoff):
   """Mean test accuracy ± one std over seeds against ``axis`` on ``ax``."""
-  for name, per_solver in runs.items():
-    end = budget if axis == "calls" else max(run["seconds"][-1]
-                                             for run in per_solver)
-    grid = np.linspace(0, end, 60)
-    curves = np.array([[value_at(run[axis], run["accuracy"], g)
-                        for g in grid] for run in per_solver])
-    mean, std = curves.mean(0), curves.std(0)
-    line, = ax.plot(grid, mean, label=LABELS[name],
-                    lw=2.2 if name == "borep" else 1.2)
-    ax.fill_between(grid, mean - std, mean + std, alpha=0.2,
-                    color=line.get_color())
-  if axis == "seconds":
-    ax.axvline(cutoff, color="gray", ls=":", lw=1)
+  common.draw(ax, runs, axis, budget, cutoff, labels=LABELS,
+              highlight=("borep",), key="accuracy")
   ax.set_ylim(0, 1)
 
 
@@ -314,7 +203,7 @@ def plot(setting, runs, budget, cutoff, out):
   import matplotlib.pyplot as plt
 
   paths = []
-  for axis, label in AXES:
+  for axis, label in common.AXES:
     figure, ax = plt.subplots(figsize=(6, 4))
     draw(ax, runs, axis, budget, cutoff)
     ax.set_xlabel(label)
@@ -339,7 +228,7 @@ def plot_summary(summary, out):
   figure, axes = plt.subplots(2, len(blocks), figsize=(4 * len(blocks), 6),
                               squeeze=False)
   for column, block in enumerate(blocks.values()):
-    for row, (axis, label) in enumerate(AXES):
+    for row, (axis, label) in enumerate(common.AXES):
       ax = axes[row, column]
       draw(ax, block["runs"], axis, summary["budget"],
            block["cutoff_seconds"])
@@ -359,60 +248,38 @@ def plot_summary(summary, out):
 
 def main(argv=None) -> dict:
   """Runs the comparison; returns the summary written to ``results.json``."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="one seed, tiny budget, no tuning (tests)")
-  parser.add_argument("--out", default="results/paper_repro_borep")
-  parser.add_argument("--seeds", type=int, default=None)
-  parser.add_argument("--budget", type=float, default=None,
-                      help="oracle calls per run (default 6000; quick 600)")
-  parser.add_argument("--cell", default="elman", choices=("elman", "lstm"))
-  parser.add_argument("--tune", dest="tune", action="store_true",
-                      default=None)
-  parser.add_argument("--no-tune", dest="tune", action="store_false")
-  parser.add_argument("--settings", default=",".join(s.name
-                                                     for s in SETTINGS))
-  args = parser.parse_args(argv)
-  seeds = args.seeds or (1 if args.quick else 3)
-  budget = args.budget or (600.0 if args.quick else 6000.0)
-  do_tune = (not args.quick) if args.tune is None else args.tune
-  num_points = 4 if args.quick else 15
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  wanted = args.settings.split(",")
-  began = time.perf_counter()
 
-  def log(message):
-    print(f"[{time.perf_counter() - began:6.1f}s] {message}", flush=True)
+  def extra(parser):
+    parser.add_argument("--budget", type=float, default=None,
+                        help="oracle calls per run (default 6000; quick 600)")
+    parser.add_argument("--cell", default="elman", choices=("elman", "lstm"))
 
-  summary = {"budget": budget, "seeds": seeds, "cell": args.cell,
-             "tuned": do_tune, "settings": {}}
+  opts = common.options(__doc__.splitlines()[0], "results/paper_repro_borep",
+                        [s.name for s in SETTINGS], argv, extra)
+  cell = opts.args.cell
+  budget = opts.args.budget or (600.0 if opts.args.quick else 6000.0)
+  summary = {"budget": budget, "seeds": opts.seeds, "cell": cell,
+             "tuned": opts.tune, "settings": {}}
   for setting in SETTINGS:
-    if setting.name not in wanted:
+    if setting.name not in opts.settings:
       continue
-    instances = [setting.build(jax.random.key(seed), args.cell)
-                 for seed in range(seeds)]
-    runs, chosen = {}, {}
-    for name in SOLVERS:
-      if do_tune:
-        upper, inner = tune(setting, name, instances[0], budget,
-                            jax.random.key(1000), log)
-      else:
-        upper = setting.upper_borep if name == "borep" else setting.upper
-        inner = setting.inner[0]
-      chosen[name] = {"upper": upper, "inner": inner}
-      # Every configuration compiles anew; a long run of compilations can
-      # exhaust LLVM's code memory, so drop the executables of the grid.
-      jax.clear_caches()
-      runs[name] = []
-      for seed, instance in enumerate(instances):
-        run = run_once(name, instance, upper, inner, budget,
-                       jax.random.key(seed + 1), num_points=num_points)
-        runs[name].append(run)
-        jax.clear_caches()
-        log(f"{setting.name} {name} seed {seed}: {run['num_steps']} steps, "
-            f"acc {run['accuracy'][-1]:.3f}, {run['seconds'][-1]:.2f} s"
-            + (" (diverged)" if run["diverged"] else ""))
+    instances = [setting.build(jax.random.key(seed), cell)
+                 for seed in range(opts.seeds)]
+
+    def choose(name, setting=setting, instances=instances):
+      if opts.tune:
+        return tune(setting, name, instances[0], budget,
+                    jax.random.key(1000), opts.log)
+      upper = setting.upper_borep if name == "borep" else setting.upper
+      return upper, setting.inner[0]
+
+    def run(name, instance, upper, inner, key):
+      return run_once(name, instance, upper, inner, budget, key,
+                      num_points=opts.num_points)
+
+    runs, chosen = common.compare(SOLVERS, instances, choose=choose, run=run,
+                                  log=opts.log, label=setting.name,
+                                  key="accuracy")
     # What the lower level alone reaches with x frozen at x0 (no cleaning,
     # the initial L2 coefficient, the random encoder), for the same budget.
     reference = [run_once("frozen", instance, 0.0, chosen["soba"]["inner"],
@@ -420,18 +287,19 @@ def main(argv=None) -> dict:
                           num_points=1)["accuracy"][-1]
                  for seed, instance in enumerate(instances)]
     jax.clear_caches()
-    cutoff, rows = summarise(runs, budget)
-    figures = plot(setting, runs, budget, cutoff, out)
+    cutoff, rows = common.summarise(runs, key="accuracy")
+    figures = plot(setting, runs, budget, cutoff, opts.out)
     summary["settings"][setting.name] = {
         "title": setting.title, "cutoff_seconds": cutoff, "rows": rows,
         "chosen": chosen, "runs": runs, "frozen_x_accuracy": reference,
         "figures": [path.name for path in figures]}
-    summary["total_seconds"] = time.perf_counter() - began
-    write_report(summary, out, argv if argv is not None else sys.argv[1:])
-  summary["total_seconds"] = time.perf_counter() - began
-  write_report(summary, out, argv if argv is not None else sys.argv[1:])
-  plot_summary(summary, out)
-  log(f"wrote {out / 'results.md'}")
+    summary["total_seconds"] = time.perf_counter() - opts.began
+    write_report(summary, opts.out,
+                 argv if argv is not None else sys.argv[1:])
+  summary["total_seconds"] = time.perf_counter() - opts.began
+  write_report(summary, opts.out, argv if argv is not None else sys.argv[1:])
+  plot_summary(summary, opts.out)
+  opts.log(f"wrote {opts.out / 'results.md'}")
   return summary
 
 
