@@ -22,6 +22,8 @@ __all__ += ["rnn_classification_data", "rnn_hyper_cleaning",
             "rnn_hyper_representation", "rnn_hyperparameter",
             "rnn_tasks_data"]
 
-from problems.first_order import box_constrained, underdetermined_least_squares
+from problems.first_order import (box_constrained, sphere_lower_level,
+                                  underdetermined_least_squares)
 
-__all__ += ["box_constrained", "underdetermined_least_squares"]
+__all__ += ["box_constrained", "sphere_lower_level",
+            "underdetermined_least_squares"]

@@ -7,6 +7,8 @@ r"""Problems for first-order (penalty) methods, with known solutions.
   ill-posed (the lower Hessian is singular).
 * :func:`box_constrained`: a lower level constrained to a box, whose
   solution sits on the boundary in some coordinates and inside in others.
+* :func:`sphere_lower_level`: a nonconvex lower level (Polyak-Łojasiewicz
+  near its solutions) whose minimisers form a sphere.
 """
 
 from __future__ import annotations
@@ -177,3 +179,98 @@ def box_constrained(key: jax.Array | None = None, *, dim: int = 10,
       "box_constrained", bilevel.Problem(upper, lower, project_y=project_y),
       None, start, start, lower_solution=lower_solution, value=value,
       x_star=jnp.asarray(np.clip(scaled, low, high), dtype))
+
+
+def sphere_lower_level(key: jax.Array | None = None, *, dim: int = 5,
+                       rho: float = 1.0, x_min: float = 0.05) -> Instance:
+  r"""A nonconvex lower level whose solutions form a sphere.
+
+  .. math::
+
+     g(x, y) = \tfrac14 \bigl(\|y\|^2 - x\bigr)^2, \qquad
+     f(x, y) = \tfrac12 \|y - b\|^2 + \tfrac\rho2 (x - c)^2,
+
+  with a scalar :math:`x \ge x_{\min} > 0` (``Problem.project_x``). For
+  :math:`x > 0` the lower solutions are the sphere :math:`\|y\|^2 = x`:
+  ``g`` is nonconvex, but :math:`\|\nabla_y g\|^2 = 4 g \|y\|^2`, so it
+  satisfies the Polyak-Łojasiewicz inequality (hence the proximal error
+  bound) near the sphere; :math:`y = 0` is a spurious stationary point, so
+  ``y0`` is not zero. The optimistic lower solution is the point of the
+  sphere closest to ``b``, :math:`y^*(x) = \sqrt{x}\, b / \|b\|`, and
+
+  .. math::
+
+     \psi(x) = \tfrac12 \bigl(\sqrt{x} - \|b\|\bigr)^2
+               + \tfrac\rho2 (x - c)^2
+
+  is convex (:math:`-\sqrt{x}` is convex); its minimiser :math:`x^*` is
+  computed by bisection on :math:`\psi'`. Gradient descent on ``g`` from
+  ``y0`` keeps the direction of ``y0`` (:math:`\nabla_y g \propto y`), so a
+  method that follows it lands on another point of the sphere and
+  minimises another hyper-objective.
+
+  Args:
+    key: PRNG key of ``b``, ``c`` and ``y0``; ``None`` is
+      ``jax.random.key(0)``.
+    dim: dimension of ``y``.
+    rho: :math:`\rho > 0`.
+    x_min: lower bound on ``x``, :math:`> 0`.
+
+  Returns:
+    An :class:`Instance` with ``x`` of shape ``(1,)``, ``x0 = 1``, ``y0`` a
+    random unit vector (not parallel to ``b``), ``lower_solution``,
+    ``value`` :math:`\psi`, ``hypergradient`` and ``x_star``.
+  """
+  if not rho > 0:
+    raise ValueError(f"rho must be positive; got {rho}.")
+  if not x_min > 0:
+    raise ValueError(f"x_min must be positive; got {x_min}.")
+  if dim < 2:
+    raise ValueError(f"dim must be at least 2; got {dim}.")
+  key = jax.random.key(0) if key is None else key
+  rng = np.random.default_rng(numpy_seed(key))
+  dtype = jnp.zeros(()).dtype
+  b = rng.standard_normal(dim)
+  b *= rng.uniform(1.0, 2.0) / np.linalg.norm(b)
+  c = rng.uniform(1.0, 3.0)
+  y0 = rng.standard_normal(dim)
+  y0 /= np.linalg.norm(y0)
+  beta = np.linalg.norm(b)
+
+  def derivative(x):
+    return (np.sqrt(x) - beta) / (2 * np.sqrt(x)) + rho * (x - c)
+
+  low, high = x_min, max(c, beta ** 2) + 10.0
+  if derivative(low) >= 0:
+    x_star = low
+  else:
+    for _ in range(200):
+      middle = 0.5 * (low + high)
+      low, high = (middle, high) if derivative(middle) < 0 else (low, middle)
+    x_star = 0.5 * (low + high)
+  b_ = jnp.asarray(b, dtype)
+
+  def lower(x, y, batch=None):
+    del batch
+    return 0.25 * (jnp.sum(y ** 2) - x[0]) ** 2
+
+  def upper(x, y, batch=None):
+    del batch
+    return 0.5 * jnp.sum((y - b_) ** 2) + 0.5 * rho * (x[0] - c) ** 2
+
+  def project_x(x):
+    return jnp.maximum(x, x_min)
+
+  def lower_solution(x):
+    return jnp.sqrt(x[0]) * b_ / jnp.linalg.norm(b_)
+
+  def value(x):
+    return (0.5 * (jnp.sqrt(x[0]) - jnp.linalg.norm(b_)) ** 2
+            + 0.5 * rho * (x[0] - c) ** 2)
+
+  return Instance(
+      "sphere_lower_level",
+      bilevel.Problem(upper, lower, project_x=project_x), None,
+      jnp.ones(1, dtype), jnp.asarray(y0, dtype),
+      lower_solution=lower_solution, hypergradient=jax.grad(value),
+      value=value, x_star=jnp.asarray([x_star], dtype))

@@ -73,11 +73,30 @@ class TestProblems:
         assert float(instance.value(moved)) >= float(
             instance.value(x_star)) - 1e-15
 
+  def test_sphere_closed_forms(self):
+    instance = problems.sphere_lower_level(jax.random.key(0))
+    x = jnp.array([1.7])
+    y = instance.lower_solution(x)
+    # On the sphere |y|^2 = x, and the closest point to b on it.
+    np.testing.assert_allclose(jnp.sum(y ** 2), 1.7, rtol=1e-12)
+    grad_y_f = jax.grad(instance.problem.upper, 1)(x, y, None)
+    tangent = grad_y_f - (grad_y_f @ y) / (y @ y) * y
+    assert float(jnp.linalg.norm(tangent)) < 1e-12
+    value = lambda x_: instance.problem.upper(x_, instance.lower_solution(
+        x_), None)
+    np.testing.assert_allclose(instance.value(x), value(x), rtol=1e-12)
+    assert abs(float(instance.hypergradient(instance.x_star)[0])) < 1e-10
+    # g is nonconvex in y: its Hessian at y = 0 is -x/2 times the identity.
+    hessian = jax.hessian(instance.problem.lower, 1)(x, jnp.zeros(5), None)
+    assert float(jnp.max(jnp.linalg.eigvalsh(hessian))) < 0
+
   @pytest.mark.parametrize("builder, kwargs", [
       (problems.underdetermined_least_squares, dict(dim_x=5, dim_y=5)),
       (problems.underdetermined_least_squares, dict(rho=0.0)),
       (problems.box_constrained, dict(rho=-1.0)),
       (problems.box_constrained, dict(low=1.0, high=0.0)),
+      (problems.sphere_lower_level, dict(x_min=0.0)),
+      (problems.sphere_lower_level, dict(dim=1)),
   ])
   def test_bad_arguments(self, builder, kwargs):
     with pytest.raises(ValueError):
@@ -112,6 +131,30 @@ class TestPenalty:
                               lower_optimizer=0.5)
     with pytest.raises(bilevel.DivergenceError):
       bilevel.run(aid, instance.x0, instance.y0, num_steps=2000)
+
+  @pytest.mark.parametrize("seed", [0, 1])
+  def test_nonconvex_lower_level_gap_shrinks_like_one_over_penalty(self,
+                                                                  seed):
+    instance = problems.sphere_lower_level(jax.random.key(seed))
+    errors = {}
+    for weight in (10.0, 100.0):
+      solver = bilevel.solvers.penalty(
+          instance.problem, upper_optimizer=0.1, lower_optimizer=0.2,
+          penalty=weight, num_inner_steps=20)
+      result = bilevel.run(solver, instance.x0, instance.y0, num_steps=1500)
+      errors[weight] = _relative_error(result.x, instance.x_star)
+      # y reaches the optimistic lower solution, not just any point of the
+      # sphere.
+      distance = jnp.linalg.norm(result.state.y - instance.lower_solution(
+          result.x))
+      assert float(distance) < 0.2 / weight
+    assert 7.0 < errors[10.0] / errors[100.0] < 13.0, errors
+    assert errors[100.0] < 1e-3
+    # SOBA follows the lower gradient flow, which keeps y0's direction.
+    soba = bilevel.solvers.soba(instance.problem, upper_optimizer=0.1,
+                                lower_optimizer=0.2, linear_optimizer=0.2)
+    other = bilevel.run(soba, instance.x0, instance.y0, num_steps=3000)
+    assert _relative_error(other.x, instance.x_star) > 0.05
 
   def test_box_constrained_iterates_stay_feasible_and_reach_x_star(self):
     instance = problems.box_constrained(jax.random.key(0))
