@@ -323,3 +323,39 @@ def baseline(name: str, problem, upper: float, inner: float,
                            neumann_step_size=inner,
                            num_neumann_terms=num_inner)
   return None
+
+
+def summary_figure(blocks: dict, out: pathlib.Path, panel: Callable, *,
+                   width: float = 4.0, height: float = 6.0) -> pathlib.Path:
+  """One column per setting, curves against calls (top) and seconds.
+
+  Args:
+    blocks: the settings' summary blocks (each with a ``"title"``).
+    out: output folder; the figure is ``out / "summary.png"``.
+    panel: ``(ax, block, axis) -> y label``, drawing one panel.
+    width: inches per column.
+    height: inches in all.
+
+  Returns:
+    The path of the figure.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(2, len(blocks), squeeze=False,
+                              figsize=(width * len(blocks), height))
+  for column, block in enumerate(blocks.values()):
+    for row, (axis, label) in enumerate(AXES):
+      ax = axes[row, column]
+      ax.set_ylabel(panel(ax, block, axis), fontsize=8)
+      ax.set_xlabel(label, fontsize=8)
+      ax.tick_params(labelsize=7)
+      if row == 0:
+        ax.set_title(block["title"], fontsize=9)
+  axes[0, 0].legend(fontsize=7)
+  figure.tight_layout()
+  path = out / "summary.png"
+  figure.savefig(path, dpi=80)
+  plt.close(figure)
+  return path

@@ -220,30 +220,12 @@ def plot(setting, runs, budget, cutoff, out):
 
 def plot_summary(summary, out):
   """Every setting in one small figure (``summary.png``)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  blocks = summary["settings"]
-  figure, axes = plt.subplots(2, len(blocks), figsize=(4 * len(blocks), 6),
-                              squeeze=False)
-  for column, block in enumerate(blocks.values()):
-    for row, (axis, label) in enumerate(common.AXES):
-      ax = axes[row, column]
-      draw(ax, block["runs"], axis, summary["budget"],
-           block["cutoff_seconds"])
-      ax.set_xlabel(label, fontsize=8)
-      ax.tick_params(labelsize=7)
-      if row == 0:
-        ax.set_title(block["title"], fontsize=9)
-      if column == 0:
-        ax.set_ylabel("test accuracy", fontsize=8)
-  axes[0, 0].legend(fontsize=7)
-  figure.tight_layout()
-  path = out / "summary.png"
-  figure.savefig(path, dpi=80)
-  plt.close(figure)
-  return path
+  def panel(ax, block, axis):
+    draw(ax, block["runs"], axis, summary["budget"], block["cutoff_seconds"])
+    return "test accuracy"
+
+  return common.summary_figure(summary["settings"], out, panel)
 
 
 def main(argv=None) -> dict:

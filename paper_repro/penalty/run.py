@@ -161,36 +161,20 @@ def tune(setting, name, instance, budget, key, log):
 
 def plot_summary(summary, out):
   """Both settings against calls and seconds (``summary.png``)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
-  blocks = summary["settings"]
-  figure, axes = plt.subplots(2, len(blocks), figsize=(5 * len(blocks), 6.5),
-                              squeeze=False)
-  for column, (name, block) in enumerate(blocks.items()):
+  def panel(ax, block, axis):
     higher = block["higher_is_better"]
-    for row, (axis, label) in enumerate(common.AXES):
-      ax = axes[row, column]
-      common.draw(ax, block["runs"], axis, block["budget"],
-                  block["cutoff_seconds"], labels=LABELS,
-                  highlight=FIRST_ORDER, log=not higher)
-      if higher:
-        ax.set_ylim(0, 1)
-      else:  # diverged runs would squash the others
-        ax.set_ylim(1e-3, 1e1)
-      ax.set_xlabel(label, fontsize=8)
-      ax.tick_params(labelsize=7)
-      if row == 0:
-        ax.set_title(block["title"], fontsize=9)
-      ax.set_ylabel("test accuracy" if higher else "‖x − x*‖ / ‖x*‖",
-                    fontsize=8)
-  axes[0, 0].legend(fontsize=7)
-  figure.tight_layout()
-  path = out / "summary.png"
-  figure.savefig(path, dpi=80)
-  plt.close(figure)
-  return path
+    common.draw(ax, block["runs"], axis, block["budget"],
+                block["cutoff_seconds"], labels=LABELS, highlight=FIRST_ORDER,
+                log=not higher)
+    if higher:
+      ax.set_ylim(0, 1)
+      return "test accuracy"
+    ax.set_ylim(1e-3, 1e1)  # diverged runs would squash the others
+    return "‖x − x*‖ / ‖x*‖"
+
+  return common.summary_figure(summary["settings"], out, panel, width=5.0,
+                               height=6.5)
 
 
 def write_report(summary, out, argv):
