@@ -5,7 +5,8 @@
    \\min_x f(x, y^*(x)) \\quad \\text{s.t.} \\quad y^*(x) = \\arg\\min_y g(x, y)
 """
 
-from bilevel import checkpoint, derivatives, linear_solve, solvers
+from bilevel import (checkpoint, constraints, derivatives, linear_solve,
+                     projections, solvers)
 from bilevel._base import BilevelSolver, HypergradientInfo, OracleCalls
 from bilevel._data import Data, SamplerState
 from bilevel._problem import Problem, validate
@@ -27,10 +28,12 @@ __all__ = [
     "RunResult",
     "SamplerState",
     "checkpoint",
+    "constraints",
     "derivatives",
     "implicit_hypergradient",
     "implicit_hypergradient_and_info",
     "linear_solve",
+    "projections",
     "run",
     "solvers",
     "unrolled_hypergradient",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +224,11 @@ def check_step_size(name: str, value: Any) -> None:
     check_schedule(name, value)
     return
   check_positive(name, value)
+
+
+def as_schedule(name: str, value: Any) -> Callable[[jax.Array], jax.Array]:
+  """A positive number or a schedule, as a schedule of the step count."""
+  check_step_size(name, value)
+  if callable(value):
+    return value
+  return lambda count: jnp.asarray(value, jnp.float32)

@@ -27,7 +27,7 @@ import pytest
 import bilevel
 import problems
 
-SOLVERS = ("aid", "amigo", "bome", "borep", "f2sa", "itd", "ma_soba",
+SOLVERS = ("aid", "amigo", "bome", "borep", "f2sa", "itd", "lvhba", "ma_soba",
            "penalty", "penalty_momentum", "soba", "stocbio", "ttsa")
 KEY = jax.random.key(0)
 OTHER_KEY = jax.random.key(1)

@@ -18,8 +18,10 @@ import bilevel
 from bilevel import _base
 
 DOCS = pathlib.Path(__file__).parent.parent / "docs" / "errors.md"
-SOLVERS = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
-           "ttsa", "penalty", "penalty_momentum", "f2sa", "bome")
+# Solvers that refuse lower-level constraints, and all of them.
+UNCONSTRAINED = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
+                 "ttsa", "penalty", "penalty_momentum", "f2sa", "bome")
+SOLVERS = UNCONSTRAINED + ("lvhba",)
 # Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step;
 # the penalty method and F2SA count num_inner_steps, checked in
 # tests/test_penalty.py).
@@ -27,8 +29,8 @@ COUNTED = ("aid", "itd", "stocbio", "amigo", "borep", "bome")
 # Solvers with an upper_optimizer and a lower_optimizer (BO-REP, MA-SOBA,
 # F2SA and BOME fix their update rule and take step sizes, checked in
 # tests/test_solvers.py, tests/test_borep.py and tests/test_penalty.py).
-UPPER_OPTIMIZED = tuple(name for name in SOLVERS
-                        if name not in ("borep", "ma_soba", "f2sa", "bome"))
+UPPER_OPTIMIZED = tuple(name for name in SOLVERS if name not in (
+    "borep", "ma_soba", "f2sa", "bome", "lvhba"))
 X = jnp.zeros(3)
 Y = jnp.zeros(3)
 KEY = jax.random.key(0)
@@ -112,12 +114,13 @@ CASES = [
              _upper, _lower, lower_constraints=lambda x, y: y - 1.0)),
          ValueError,
          r"solvers.\w+ cannot handle lower-level constraints "
-         r"\(Problem.lower_constraints\).*silently ignore", SOLVERS),
+         r"\(Problem.lower_constraints\).*silently ignore", UNCONSTRAINED),
     Case("lower-equality-constraints-refused", "construction",
          lambda name: _solver(name, bilevel.Problem(
              _upper, _lower,
              lower_equality_constraints=lambda x, y: jnp.sum(y) - 1.0)),
-         ValueError, r"\(Problem.lower_equality_constraints\)", SOLVERS),
+         ValueError, r"\(Problem.lower_equality_constraints\)",
+         UNCONSTRAINED),
     Case("joint-projection-refused", "construction",
          lambda name: _solver(name, bilevel.Problem(
              _upper, _lower, project_xy=lambda x, y: (x, y))),
@@ -191,6 +194,16 @@ CASES = [
          TypeError, r"linear_solver must be a "
          r"bilevel.linear_solve.LinearSolver.*cg\(maxiter=10\).*got the "
          "callable cg", ("aid",)),
+    Case("penalty-power-out-of-range", "construction",
+         lambda name: _solver(name, penalty_power=0.8), ValueError,
+         r"penalty_power is the exponent p of c_k = penalty_base \(k \+ 1\)\^p",
+         ("lvhba",)),
+    Case("penalize-joint-projection", "construction",
+         lambda name: bilevel.constraints.penalize(bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: y - 1.0,
+             project_xy=lambda x, y: (x, y)), 10.0), ValueError,
+         r"The problem has Problem.project_xy, which the penalized problem "
+         "cannot keep"),
     Case("flag-not-bool", "construction",
          lambda name: _solver(name, warm_start_linear="no"), TypeError,
          r"warm_start_linear must be a bool \(True or False\); got 'no' "
@@ -369,10 +382,13 @@ CASES = [
     Case("run-diverges", "run",
          lambda name: bilevel.run(
              # Lower level 100-smooth: the default lower step 0.5 blows y
-             # up by about 49 per step until exp(y) overflows.
+             # up by about 49 per step until exp(y) overflows (LV-HBA's
+             # default steps are 0.01: its saddle step is set to 0.5).
              _solver(name, bilevel.Problem(
                  lambda x, y, b: jnp.sum(jnp.exp(y)),
-                 lambda x, y, b: 50.0 * jnp.sum(y ** 2) - jnp.sum(x * y))),
+                 lambda x, y, b: 50.0 * jnp.sum(y ** 2) - jnp.sum(x * y)),
+                     **({"saddle_step_size": 0.5} if name == "lvhba"
+                        else {})),
              X, Y + 1.0, num_steps=50),
          bilevel.DivergenceError,
          r"bilevel.run: non-finite values \(NaN or inf\) at step \d+ of 50, "

@@ -11,6 +11,7 @@ from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
                                     normalized_momentum)
 from bilevel.solvers._f2sa import f2sa
 from bilevel.solvers._itd import ITDState, itd
+from bilevel.solvers._lvhba import LVHBAInfo, LVHBAState, lvhba
 from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
                                       PenaltyState, penalty, penalty_momentum,
                                       penalty_schedule)
@@ -26,6 +27,8 @@ __all__ = [
     "BOREPInfo",
     "BOREPState",
     "ITDState",
+    "LVHBAInfo",
+    "LVHBAState",
     "PenaltyInfo",
     "PenaltyMomentumState",
     "PenaltyState",
@@ -38,6 +41,7 @@ __all__ = [
     "borep",
     "f2sa",
     "itd",
+    "lvhba",
     "ma_soba",
     "normalized_momentum",
     "penalty",

@@ -76,8 +76,8 @@ import optax
 
 from bilevel import _base, _data, derivatives
 from bilevel._problem import Problem
-from bilevel._validation import (as_optimizer, check_positive,
-                                 check_positive_int, check_step_size)
+from bilevel._validation import (as_optimizer, as_schedule, check_positive,
+                                 check_positive_int)
 
 PyTree = Any
 
@@ -156,14 +156,6 @@ def penalty_schedule(initial: float = 1.0, final: float = 100.0,
     return initial * jnp.exp(log_ratio * fraction)
 
   return schedule
-
-
-def as_schedule(name: str, value: Any) -> Callable[[jax.Array], jax.Array]:
-  """A positive number or a schedule, as a schedule of the step count."""
-  check_step_size(name, value)
-  if callable(value):
-    return value
-  return lambda count: jnp.asarray(value, jnp.float32)
 
 
 def penalised_grads(problem: Problem, x: PyTree, y: PyTree, z: PyTree,
