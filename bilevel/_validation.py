@@ -231,4 +231,5 @@ def as_schedule(name: str, value: Any) -> Callable[[jax.Array], jax.Array]:
   check_step_size(name, value)
   if callable(value):
     return value
-  return lambda count: jnp.asarray(value, jnp.float32)
+  # A Python number stays weakly typed: it takes the dtype of the iterates.
+  return lambda count: value

@@ -122,7 +122,10 @@ def llsc_toy(key: jax.Array | None = None, *, dim: int = 100,
   drawn uniformly from :math:`[0, 1)` (as the paper's ``.npy`` files were).
   The lower solution is the projection of :math:`x` onto the affine set,
   :math:`y^*(x) = x - A^+(A + H)x`; the upper objective is nonconvex, so
-  no closed-form :math:`x^*` is given. ``project_xy`` is the exact
+  no closed-form :math:`x^*` is given. The constraint is written
+  :math:`W(Ay + Hx) = 0` with :math:`W = (AA^\top)^{-1/2}` (the same set, with
+  orthonormal rows in :math:`y`; the raw rows make the multipliers' step
+  stiff). ``project_xy`` is the exact
   projection onto :math:`C = \{(x, y) : Hx + Ay = 0,\ Bx = 0\}`, as in the
   official code.
 
@@ -147,6 +150,12 @@ def llsc_toy(key: jax.Array | None = None, *, dim: int = 100,
   b = rng.random((num_upper_constraints, dim))
   c, d = rng.random((2, dim))
   lower_map = np.eye(dim) - np.linalg.pinv(a) @ (a + h)
+  # The same set with orthonormal rows in y: W (A y + H x) = 0 with
+  # W = (A A')^{-1/2}. The raw rows (entries in [0, 1)) have A A' with a
+  # condition number near 1e4, too stiff for a descent-ascent step.
+  eigenvalues, eigenvectors = np.linalg.eigh(a @ a.T)
+  whiten = eigenvectors @ np.diag(eigenvalues ** -0.5) @ eigenvectors.T
+  a_white, h_white = whiten @ a, whiten @ h
   joint_matrix = np.block([[h, a], [b, np.zeros_like(b)]])
   project_joint = projections.affine(joint_matrix)
 
@@ -158,7 +167,7 @@ def llsc_toy(key: jax.Array | None = None, *, dim: int = 100,
     return 0.5 * jnp.sum((x - y) ** 2)
 
   def coupling(x, y):
-    return a @ y + h @ x
+    return a_white @ y + h_white @ x
 
   def project_xy(x, y):
     v = project_joint(jnp.concatenate([x, y]))

@@ -168,8 +168,7 @@ def _as_penalty_schedule(penalty_base, penalty_power) -> Callable:
         f"{penalty_power!r}.")
 
   def schedule(count):
-    return penalty_base * (jnp.asarray(count, jnp.float32) + 1.0) ** (
-        penalty_power)
+    return penalty_base * (count + 1.0) ** penalty_power
 
   return schedule
 
