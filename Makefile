@@ -24,6 +24,7 @@ test: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/hypergradient.py
+	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/long_runs.py
 
 clean:

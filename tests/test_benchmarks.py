@@ -62,6 +62,14 @@ def test_hypergradient_script_quick():
   assert float(match.group(1)) > 0
 
 
+def test_projection_script_quick():
+  output = _run_script("projection.py")
+  for dataset in ("fourclass", "breast_cancer"):
+    assert f"{dataset}: n = " in output
+  ratios = re.findall(r"^BoxOSQP \(jit\)\s+\S+\s+(\S+)$", output, re.MULTILINE)
+  assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), output
+
+
 def test_solvers_are_discovered():
   assert set(overhead.solver_factories()) >= {"aid", "itd", "stocbio", "soba",
                                               "amigo"}

@@ -48,11 +48,29 @@ No Hessian and no Hessian-vector product: per step one gradient of
 :math:`F`, three gradients of :math:`f` and two vector-Jacobian products of
 the constraints. Equality constraints :math:`e(x, y) = 0`
 (``Problem.lower_equality_constraints``) enter the Lagrangian the same way
-with multipliers in :math:`[-u, u]` (the pair of inequalities
-:math:`e \le 0,\ -e \le 0` gives the same iterates with
-:math:`\lambda_+ - \lambda_-` in place of one multiplier). :math:`\Pi_C` is
-``Problem.project_xy`` when set, else ``project_x`` and ``project_y``;
-:math:`\Pi_Y` is ``project_y``.
+with multipliers in :math:`[-u, u]`; writing them as the pair of
+inequalities :math:`e \le 0,\ -e \le 0` is a different iteration (two
+nonnegative multipliers whose difference plays the part of one) that
+reaches the same solutions. :math:`\Pi_C` is ``Problem.project_xy`` when
+set, else ``project_x`` and ``project_y``; :math:`\Pi_Y` is ``project_y``.
+
+Choosing the steps (measured on the problems of :mod:`problems.constrained`;
+see ``paper_repro/lvhba``):
+
+* the descent-ascent step on :math:`(\theta, \lambda)` is simultaneous, so it
+  is stable only when :math:`\eta` is small against
+  :math:`(1/\gamma_1 + 1/\gamma_2) / \|\nabla_y c\|^2`: with many
+  constraints or large :math:`\nabla_y c` (the LLC toy, 100 coordinates in
+  one sum; the SVM, one row per sample) lower :math:`\eta` or
+  :math:`\gamma_2`, and prefer well-scaled constraint rows;
+* :math:`f - v_\gamma \ge 0` only where ``y`` is feasible: at an infeasible
+  ``y`` the maximisation over :math:`\lambda` makes :math:`-v_\gamma`
+  concave, and the penalised objective is unbounded below once
+  :math:`F / c_k` no longer compensates. Let :math:`C` keep ``y``
+  feasible (``project_xy``), as the paper's experiments do;
+* the bias shrinks like :math:`1 / c_k` (:math:`1/(c_k \gamma_1)` on the LLC
+  toy) and the progress of ``x`` like :math:`\alpha / c_k`: a larger
+  :math:`p` reaches a smaller bias, in more steps.
 
 The official code deviates from the paper; we follow the paper:
 
