@@ -58,10 +58,12 @@ class Problem:
       ``(x, y) -> (x, y)`` (structures and shapes unchanged).
 
   The last three fields describe a lower level constrained jointly in
-  ``(x, y)``. Only solvers built for constrained lower levels use them; the
-  others (:func:`bilevel.solvers.aid`, ``itd``, ``stocbio``, ``soba``,
-  ``amigo``) refuse such a problem at construction rather than ignore them
-  (see :attr:`has_lower_constraints`).
+  ``(x, y)``. Only :func:`bilevel.solvers.lvhba` uses them; every other
+  solver refuses such a problem at construction rather than ignore them
+  (see :attr:`has_lower_constraints`), and
+  :func:`bilevel.constraints.penalize` turns the constraints into a
+  penalty in ``g`` that they accept. :mod:`bilevel.projections` builds
+  ``project_xy`` for affine sets and polyhedra.
   """
 
   upper: Objective

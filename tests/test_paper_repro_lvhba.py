@@ -15,7 +15,7 @@ def test_quick_reproduction_writes_table_and_figure(tmp_path):
   for heading in ("LLC toy", "LLSC toy", "svm_breast_cancer",
                   "cleaning_fourclass"):
     assert heading in report
-  results = json.loads((out / "results.json").read_text())
+  results = json.loads((out / "results.json").read_text())["settings"]
   llc = results["llc"]
   # The quick run (5000 steps) is still in LV-HBA's transient on the LLC toy
   # (error 1.5): it checks curve shapes and feasibility; tests/test_lvhba.py

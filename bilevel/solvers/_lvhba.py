@@ -144,7 +144,9 @@ class LVHBAInfo(NamedTuple):
     hypergradient_norm: :math:`\|d_x\|`.
     lower_gap: :math:`f(x^k, y^k) - \hat v`, where :math:`\hat v` is the
       proximal Lagrangian at :math:`(\theta^{k+1}, \lambda^{k+1})`: an
-      estimate of the reformulation's constraint :math:`f - v_\gamma \ge 0`.
+      estimate of the reformulation's constraint :math:`f - v_\gamma \ge 0`
+      (negative while :math:`(\theta, \lambda)` is far from the saddle
+      point, or while ``y`` is infeasible).
     constraint_violation: :func:`bilevel.constraints.violation` at
       :math:`(x^k, y^k)`.
     multiplier_norm: :math:`\|\lambda^{k+1}\|`.
@@ -194,7 +196,7 @@ def _as_penalty_schedule(penalty_base, penalty_power) -> Callable:
 def lvhba(problem: Problem, *, step_size: Any = 0.01,
           z_step_size: Any = 0.1, saddle_step_size: Any = 0.01,
           gamma1: float = 10.0, gamma2: float = 10.0,
-          multiplier_bound: float = math.inf, penalty_base: Any = 1.0,
+          multiplier_bound: float = 1000.0, penalty_base: Any = 1.0,
           penalty_power: float = 0.3) -> _base.BilevelSolver:
   r"""LV-HBA (see the module docstring for the update rule).
 
@@ -214,8 +216,8 @@ def lvhba(problem: Problem, *, step_size: Any = 0.01,
     gamma1: :math:`\gamma_1 > 0`, the proximal parameter of :math:`\theta`.
     gamma2: :math:`\gamma_2 > 0`, the proximal parameter of :math:`\lambda`.
     multiplier_bound: :math:`u`, the bound of the multiplier box :math:`Z`
-      (``inf``: none). The analysis needs it finite and larger than the
-      lower level's multipliers; the toy code uses 1000.
+      (``math.inf``: none). The analysis needs it finite and larger than the
+      lower level's multipliers; the default is the toy code's 1000.
     penalty_base: :math:`\underline{c} > 0`, or a schedule ``k -> c_k``.
     penalty_power: :math:`p \in (0, 1/2]` of
       :math:`c_k = \underline{c}\,(k + 1)^p` (ignored for a schedule).
