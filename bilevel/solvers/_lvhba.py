@@ -274,9 +274,11 @@ def lvhba(problem: Problem, *, step_size: Any = 0.01,
         multiplier_bound)
 
     # (2) One projected gradient step on F / c_k + f - v_gamma.
-    c_k = penalty_fn(k)
     upper_loss, grad_x_upper, grad_y_upper = (
         derivatives.upper_value_and_grads(problem, x, y, upper_batch))
+    # In the iterates' precision (a float64 c_k would promote a float32 run).
+    c_k = jnp.asarray(penalty_fn(k.astype(upper_loss.dtype)),
+                      upper_loss.dtype)
     lower_loss, (grad_x_lower, grad_y_lower) = jax.value_and_grad(
         problem.lower, (0, 1))(x, y, lower_batch)
     (saddle_lagrangian, _), grad_x_saddle = jax.value_and_grad(
