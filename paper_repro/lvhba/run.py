@@ -32,7 +32,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import bilevel
-from bilevel import constraints
+from bilevel import constraints, derivatives
 from paper_repro._common import options
 from problems import constrained
 
@@ -57,9 +57,7 @@ def _lower_smoothness(problem, x, y, num_iterations=50):
   flat, unravel = ravel_pytree(y)
 
   def hvp(v):
-    tangent = jax.jvp(lambda y_: jax.grad(problem.lower, 1)(x, y_, None),
-                      (y,), (unravel(v),))[1]
-    return ravel_pytree(tangent)[0]
+    return ravel_pytree(derivatives.lower_hvp(problem, x, y, unravel(v)))[0]
 
   hvp = jax.jit(hvp)
   v = jnp.ones_like(flat) / np.sqrt(flat.size)
