@@ -5,8 +5,8 @@
    \\min_x f(x, y^*(x)) \\quad \\text{s.t.} \\quad y^*(x) = \\arg\\min_y g(x, y)
 """
 
-from bilevel import (checkpoint, constraints, derivatives, linear_solve,
-                     projections, solvers)
+from bilevel import (checkpoint, constraints, derivatives, lisa,
+                     linear_solve, projections, reweighting, solvers)
 from bilevel._base import BilevelSolver, HypergradientInfo, OracleCalls
 from bilevel._data import Data, SamplerState
 from bilevel._problem import Problem, validate
@@ -33,7 +33,9 @@ __all__ = [
     "implicit_hypergradient",
     "implicit_hypergradient_and_info",
     "linear_solve",
+    "lisa",
     "projections",
+    "reweighting",
     "run",
     "solvers",
     "unrolled_hypergradient",

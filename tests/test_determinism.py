@@ -28,7 +28,8 @@ import bilevel
 import problems
 
 SOLVERS = ("aid", "amigo", "bome", "borep", "f2sa", "itd", "lvhba", "ma_soba",
-           "penalty", "penalty_momentum", "soba", "stocbio", "ttsa")
+           "penalty", "penalty_momentum", "scalebio", "soba", "stocbio",
+           "ttsa")
 KEY = jax.random.key(0)
 OTHER_KEY = jax.random.key(1)
 TESTS = pathlib.Path(__file__).resolve().parent

@@ -32,14 +32,18 @@ SOLVERS = ("aid", "amigo", "itd", "soba", "stocbio")
 # default hyperparameters (the accuracy tests below use SOLVERS and their
 # ACCURATE settings).
 ALL_SOLVERS = SOLVERS + ("borep", "ma_soba", "ttsa", "penalty",
-                         "penalty_momentum", "f2sa", "bome", "lvhba")
+                         "penalty_momentum", "f2sa", "bome", "lvhba",
+                         "scalebio")
 # MA-SOBA's moving average (momentum 0.9) barely moves x in 12 steps, nor
 # do the penalty method's and BOME's default steps.
 DEFAULTS = {"ma_soba": dict(momentum=0.5),
             "penalty": dict(upper_optimizer=1.0),
             "penalty_momentum": dict(upper_optimizer=1.0),
             "bome": dict(step_size=0.5),
-            "lvhba": dict(step_size=0.5)}
+            "lvhba": dict(step_size=0.5),
+            # With the default AdamW steps (1e-3 for the models) w and u
+            # separate too slowly for x to move in 12 steps.
+            "scalebio": dict(upper_optimizer=1.0, lower_optimizer=0.05)}
 
 # Step sizes with which every solver converges fast on the quadratics below
 # (condition number 10), as in tests/test_solvers.py: ITD and StocBiO need

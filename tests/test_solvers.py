@@ -33,7 +33,11 @@ ACCURATE = {
 }
 # TTSA's random truncation and decaying steps reach x* only slowly; its own
 # tests (tests/test_borep.py) check the estimator's mean and its progress.
-SLOW = {"ttsa": dict(neumann_step_size=0.5, num_neumann_terms=10)}
+SLOW = {"ttsa": dict(neumann_step_size=0.5, num_neumann_terms=10),
+        # A penalty method: O(1/alpha) from x*, checked in
+        # tests/test_scalebio.py.
+        "scalebio": dict(upper_optimizer=0.5, lower_optimizer=0.01,
+                         penalty=100.0)}
 SOLVERS = sorted(ACCURATE) + sorted(SLOW)
 SETTINGS = {**ACCURATE, **SLOW}
 # The argument that sets the upper step size.
@@ -70,7 +74,11 @@ def test_reaches_closed_form_optimum(name):
              for leaf in jax.tree.leaves(result.history))
 
 
-@pytest.mark.parametrize("name", SOLVERS)
+# ScaleBiO's default AdamW (the paper's) moves each coordinate of x by about
+# its step size 1e-2 per step, and x* has coordinates up to 5: no run of 300
+# steps can halve the error (measured 1.02 -> 0.81 in 3000 steps). Its
+# convergence is tested in tests/test_scalebio.py.
+@pytest.mark.parametrize("name", [n for n in SOLVERS if n != "scalebio"])
 def test_defaults_make_progress_on_quadratic(name):
   instance = _deterministic()
   solver = getattr(bilevel.solvers, name)(instance.problem)
@@ -192,7 +200,8 @@ def test_dtypes_are_stable(name, dtype):
   # variables; the state must keep the dtypes it started with all the same.
   chex.assert_trees_all_equal_dtypes(new_state, state)
   assert new_state.x.dtype == dtype
-  assert all(bool(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(info))
+  assert all(bool(jnp.all(jnp.isfinite(leaf)))
+             for leaf in jax.tree.leaves(info))
 
 
 @pytest.mark.parametrize("name", SOLVERS)
@@ -260,7 +269,7 @@ def test_bad_counts_are_rejected(name, kwargs):
 @pytest.mark.parametrize("name,lower_batches_per_step", [
     ("aid", 10 + 1), ("itd", 20), ("stocbio", 10 + 10 + 1), ("soba", 1),
     ("amigo", 10 + 10 + 1), ("ma_soba", 1),
-    ("borep", 100 + 1)])  # 100 refinement steps in init, then step 0
+    ("borep", 100 + 1), ("scalebio", 1)])  # 100 refinement steps in init, then step 0
 def test_every_oracle_draws_a_fresh_minibatch(name, lower_batches_per_step):
   """Each lower step, Neumann term or linear step reads its own batch."""
   instance = problems.quadratic(jax.random.key(0), dim_x=4, dim_y=3,

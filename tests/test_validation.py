@@ -20,7 +20,8 @@ from bilevel import _base
 DOCS = pathlib.Path(__file__).parent.parent / "docs" / "errors.md"
 # Solvers that refuse lower-level constraints, and all of them.
 UNCONSTRAINED = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
-                 "ttsa", "penalty", "penalty_momentum", "f2sa", "bome")
+                 "ttsa", "penalty", "penalty_momentum", "f2sa", "bome",
+                 "scalebio")
 SOLVERS = UNCONSTRAINED + ("lvhba",)
 # Solvers with a num_lower_steps count (SOBA, MA-SOBA, TTSA: one lower step;
 # the penalty method and F2SA count num_inner_steps, checked in
@@ -383,12 +384,13 @@ CASES = [
          lambda name: bilevel.run(
              # Lower level 100-smooth: the default lower step 0.5 blows y
              # up by about 49 per step until exp(y) overflows (LV-HBA's
-             # default steps are 0.01: its saddle step is set to 0.5).
+             # default steps are 0.01: its saddle step is set to 0.5;
+             # ScaleBiO's default AdamW takes bounded steps: plain SGD).
              _solver(name, bilevel.Problem(
                  lambda x, y, b: jnp.sum(jnp.exp(y)),
                  lambda x, y, b: 50.0 * jnp.sum(y ** 2) - jnp.sum(x * y)),
-                     **({"saddle_step_size": 0.5} if name == "lvhba"
-                        else {})),
+                     **{"lvhba": {"saddle_step_size": 0.5},
+                        "scalebio": {"lower_optimizer": 0.5}}.get(name, {})),
              X, Y + 1.0, num_steps=50),
          bilevel.DivergenceError,
          r"bilevel.run: non-finite values \(NaN or inf\) at step \d+ of 50, "

@@ -15,6 +15,7 @@ from bilevel.solvers._lvhba import LVHBAInfo, LVHBAState, lvhba
 from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
                                       PenaltyState, penalty, penalty_momentum,
                                       penalty_schedule)
+from bilevel.solvers._scalebio import ScaleBiOInfo, ScaleBiOState, scalebio
 from bilevel.solvers._soba import SOBAState, ma_soba, soba
 from bilevel.solvers._stocbio import StocBiOState, stocbio
 from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
@@ -33,6 +34,8 @@ __all__ = [
     "PenaltyMomentumState",
     "PenaltyState",
     "SOBAState",
+    "ScaleBiOInfo",
+    "ScaleBiOState",
     "StocBiOState",
     "TTSAState",
     "aid",
@@ -48,6 +51,7 @@ __all__ = [
     "penalty_momentum",
     "penalty_schedule",
     "power_schedule",
+    "scalebio",
     "soba",
     "stocbio",
     "ttsa",
