@@ -6,7 +6,8 @@
 """
 
 from bilevel import (checkpoint, constraints, derivatives, lisa,
-                     linear_solve, projections, reweighting, solvers)
+                     linear_solve, projections, reweighting, sharding,
+                     solvers)
 from bilevel._base import BilevelSolver, HypergradientInfo, OracleCalls
 from bilevel._data import Data, SamplerState
 from bilevel._problem import Problem, validate
@@ -37,6 +38,7 @@ __all__ = [
     "projections",
     "reweighting",
     "run",
+    "sharding",
     "solvers",
     "unrolled_hypergradient",
     "unrolled_hypergradient_and_info",

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 PyTree = Any
 
@@ -39,17 +40,55 @@ class Data:
     upper_batch_size: samples per upper minibatch; ``None`` passes the whole
       upper dataset as the batch (deterministic).
     lower_batch_size: same for the lower level.
+    batch_sharding: for data parallelism, a
+      ``jax.sharding.NamedSharding`` whose partition spec names the mesh
+      axis of the batch, e.g. ``NamedSharding(mesh, P("data"))``; every
+      minibatch drawn inside a step is constrained to be split along its
+      sample axis over that mesh axis (:mod:`bilevel.sharding` builds it).
+      ``None``: no constraint (XLA decides).
   """
 
   upper: PyTree = None
   lower: PyTree = None
   upper_batch_size: int | None = None
   lower_batch_size: int | None = None
+  batch_sharding: Any = None
 
 
 jax.tree_util.register_dataclass(
     Data, data_fields=["upper", "lower"],
-    meta_fields=["upper_batch_size", "lower_batch_size"])
+    meta_fields=["upper_batch_size", "lower_batch_size", "batch_sharding"])
+
+
+def _batch_axis(data: Data) -> str | tuple | None:
+  """The mesh axis (or axes) of the sample axis of a batch, if any."""
+  sharding = data.batch_sharding
+  if sharding is None:
+    return None
+  spec = sharding.spec
+  return spec[0] if len(spec) else None
+
+
+def constrain_batch(data: Data | None, batch: PyTree, *,
+                    num_leading: int = 0) -> PyTree:
+  """``batch`` constrained to ``data.batch_sharding`` along its sample axis.
+
+  Args:
+    data: the data (``None`` or without ``batch_sharding``: unchanged).
+    batch: a pytree of arrays whose axis ``num_leading`` is the sample axis.
+    num_leading: axes before the sample axis (1 for stacked batches).
+  """
+  if data is None or data.batch_sharding is None:
+    return batch
+  axis = _batch_axis(data)
+  mesh = data.batch_sharding.mesh
+
+  def constrain(leaf):
+    spec = (None,) * num_leading + (axis,) + (None,) * (
+        leaf.ndim - num_leading - 1)
+    return jax.lax.with_sharding_constraint(
+        leaf, NamedSharding(mesh, PartitionSpec(*spec)))
+  return jax.tree.map(constrain, batch)
 
 
 def num_samples(arrays: PyTree, label: str = "dataset") -> int:
@@ -95,6 +134,27 @@ def validate_data(data: Data | None) -> None:
     if batch_size > n:
       raise ValueError(f"Data.{level}_batch_size={batch_size} is larger than "
                        f"the {level} dataset ({n} samples).")
+    _check_batch_sharding(data, level, batch_size)
+
+
+def _check_batch_sharding(data: Data, level: str, batch_size: int) -> None:
+  """The batch size must split evenly over the batch's mesh axis."""
+  sharding = data.batch_sharding
+  if sharding is None:
+    return
+  if not hasattr(sharding, "mesh") or not hasattr(sharding, "spec"):
+    raise TypeError("Data.batch_sharding must be a "
+                    "jax.sharding.NamedSharding (e.g. NamedSharding(mesh, "
+                    f"P('data'))); got {type(sharding).__name__}.")
+  axis = _batch_axis(data)
+  names = axis if isinstance(axis, tuple) else (axis,)
+  devices = math.prod(sharding.mesh.shape[name] for name in names
+                      if name is not None)
+  if batch_size % devices:
+    raise ValueError(
+        f"Data.{level}_batch_size={batch_size} does not split evenly over "
+        f"the {devices} devices of the mesh axis {axis!r} of "
+        "Data.batch_sharding: use a multiple of it.")
 
 
 def batch_spec(arrays: PyTree, batch_size: int | None) -> PyTree:
@@ -324,7 +384,7 @@ def sample(sampler: SamplerState, data: Data | None, level: str):
   if stream is None:
     return arrays, sampler
   batch, stream = _draw(stream, arrays, getattr(data, f"{level}_batch_size"))
-  return batch, sampler._replace(**{level: stream})
+  return constrain_batch(data, batch), sampler._replace(**{level: stream})
 
 
 def sample_many(sampler: SamplerState, data: Data | None, level: str,
@@ -341,7 +401,8 @@ def sample_many(sampler: SamplerState, data: Data | None, level: str,
   samples, stream = _draw(stream, getattr(data, level), num * batch_size)
   batches = jax.tree.map(
       lambda leaf: leaf.reshape((num, batch_size) + leaf.shape[1:]), samples)
-  return batches, sampler._replace(**{level: stream})
+  return (constrain_batch(data, batches, num_leading=1),
+          sampler._replace(**{level: stream}))
 
 
 def is_stochastic(data: Data | None, level: str) -> bool:

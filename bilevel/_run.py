@@ -121,8 +121,27 @@ def _leaf_names(state, info) -> list[str]:
   return names
 
 
+class _StateShardings:
+  """A pytree of shardings as a hashable static argument of the chunk."""
+
+  def __init__(self, shardings: PyTree):
+    leaves, self.treedef = jax.tree.flatten(shardings)
+    self.leaves = tuple(leaves)
+
+  def tree(self) -> PyTree:
+    return jax.tree.unflatten(self.treedef, self.leaves)
+
+  def __hash__(self):
+    return hash((self.treedef, self.leaves))
+
+  def __eq__(self, other):
+    return (isinstance(other, _StateShardings) and
+            (self.treedef, self.leaves) == (other.treedef, other.leaves))
+
+
 def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
-                on_nonfinite: str = "raise", freeze_counters: bool = True):
+                on_nonfinite: str = "raise", freeze_counters: bool = True,
+                state_shardings: _StateShardings | None = None):
   """``length`` steps of ``solver``; steps ``>= num_active`` leave ``state``.
 
   The padding keeps one compiled chunk for every chunk of a run, the last one
@@ -136,7 +155,8 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
   ``"raise"``, the state stops changing at the last finite one; with
   ``"warn"`` the run goes on. With ``freeze_counters=False`` (runs under a
   JAX transformation) only the floating-point leaves stop; integer leaves
-  keep counting.
+  keep counting. With ``state_shardings``, the state after every step is
+  constrained to them (e.g. FSDP shardings that must not drift).
 
   Returns:
     ``((state, first_bad), (infos, flags))``: ``first_bad`` is the index in
@@ -169,6 +189,8 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
                        new, old)
 
     state_ = jax.tree.map(select, stepped, state_)
+    if state_shardings is not None:
+      state_ = jax.lax.with_sharding_constraint(state_, state_shardings.tree())
     return (state_, first_bad), (info, flags)
 
   carry = (state, jnp.asarray(-1, jnp.int32))
@@ -176,7 +198,8 @@ def _scan_steps(solver: BilevelSolver, state, data, num_active, length: int,
 
 
 _compiled_scan_steps = jax.jit(
-    _scan_steps, static_argnames=("solver", "length", "on_nonfinite"))
+    _scan_steps, static_argnames=("solver", "length", "on_nonfinite",
+                                  "state_shardings"))
 
 
 def _is_traced(tree: PyTree) -> bool:
@@ -279,7 +302,8 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
         callback: Callable[[int, Any], Any] | None = None,
         state: Any = None, on_nonfinite: str = "raise",
         checkpoint_dir: str | os.PathLike | None = None,
-        checkpoint_every: int = 1, max_checkpoints: int = 2) -> RunResult:
+        checkpoint_every: int = 1, max_checkpoints: int = 2,
+        state_sharding: Any = None) -> RunResult:
   """Runs ``num_steps`` solver steps.
 
   Steps run in chunks of ``steps_per_chunk``, each one compiled ``lax.scan``
@@ -331,6 +355,13 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
     checkpoint_dir: directory of the run's checkpoints (created if needed).
     checkpoint_every: chunks between checkpoints.
     max_checkpoints: checkpoints kept (the oldest are deleted).
+    state_sharding: for runs on several devices, a pytree of
+      ``jax.sharding.Sharding`` matching the state, or a callable ``state ->
+      shardings`` such as :func:`bilevel.sharding.fsdp` (``mesh``). The
+      initial (or restored) state is placed on them and every step's state
+      is constrained to them. Pair it with
+      :func:`bilevel.sharding.shard_data` for data-parallel batches.
+      ``None``: one device, or whatever the inputs' placement implies.
 
   Returns:
     A :class:`RunResult`.
@@ -368,6 +399,17 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
   if _is_traced((state, data)):
     return _traced_run(solver, state, data, num_steps, on_nonfinite,
                        checkpoint_dir)
+  shardings = None
+  if state_sharding is not None:
+    tree = state_sharding(state) if callable(state_sharding) else state_sharding
+    try:
+      state = jax.device_put(state, tree)
+    except (ValueError, TypeError) as error:
+      raise ValueError(
+          "state_sharding must be a pytree of jax.sharding.Sharding that "
+          "matches the solver state (or a callable state -> such a pytree, "
+          f"e.g. bilevel.sharding.fsdp(mesh)): {error}") from error
+    shardings = _StateShardings(tree)
   initial_state = state
 
   done = 0
@@ -386,6 +428,8 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
             f"The checkpoint in {checkpoint_dir} is at step {restored.step}, "
             f"beyond num_steps={num_steps}.")
       done, state = restored.step, restored.state
+      if shardings is not None:
+        state = jax.device_put(state, shardings.tree())
       chunks = [restored.history] if restored.step else []
       evaluations = list(restored.evaluations)
 
@@ -404,7 +448,7 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
       start = time.perf_counter()
       (new_state, first_bad), (infos, flags) = _compiled_scan_steps(
           solver, state, data, active, length=length,
-          on_nonfinite=on_nonfinite)
+          on_nonfinite=on_nonfinite, state_shardings=shardings)
       if _is_traced(first_bad):
         # The solver closes over tracers (it was built inside jit/vmap, e.g.
         # from a traced step size): run the whole run in the caller's trace.
