@@ -27,3 +27,7 @@ from problems.first_order import (box_constrained, sphere_lower_level,
 
 __all__ += ["box_constrained", "sphere_lower_level",
             "underdetermined_least_squares"]
+
+from problems.data_reweighting import digits_sources, text_sources_task
+
+__all__ += ["digits_sources", "text_sources_task"]

@@ -50,6 +50,12 @@ def test_state_is_split_and_batches_are_split():
   assert per_device < report["state_bytes_one_device"] / 5
 
 
+def test_sharded_checkpoint_resumes_exactly():
+  report = _report()
+  assert report["resumed_difference"] == 0.0
+  assert report["resumed_layer_spec"] == "P(None, 'data')"
+
+
 def test_any_solver_runs_data_parallel_through_the_run_loop():
   report = _report()
   assert report["soba_difference"] < 1e-12

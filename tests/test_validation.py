@@ -205,6 +205,22 @@ CASES = [
              project_xy=lambda x, y: (x, y)), 10.0), ValueError,
          r"The problem has Problem.project_xy, which the penalized problem "
          "cannot keep"),
+    Case("lisa-blocks-select-nothing", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             lambda x, y, b: _upper(x, y["w"], b),
+             lambda x, y, b: _lower(x, y["w"], b)),
+                              lower_optimizer=bilevel.lisa.lisa_adamw(
+                                  0.1, blocks="layers", num_active=1,
+                                  period=5)).init(X, {"w": Y}, key=KEY),
+         ValueError, r"blocks='layers' selects no leaf of the parameters",
+         ("scalebio",)),
+    Case("run-state-sharding-mismatch", "run",
+         lambda name: bilevel.run(
+             _solver(name), X, Y, num_steps=2,
+             state_sharding=[bilevel.sharding.replicated(
+                 bilevel.sharding.make_mesh())]),
+         ValueError, r"state_sharding must be a pytree of "
+         r"jax.sharding.Sharding that matches the solver state"),
     Case("flag-not-bool", "construction",
          lambda name: _solver(name, warm_start_linear="no"), TypeError,
          r"warm_start_linear must be a bool \(True or False\); got 'no' "
