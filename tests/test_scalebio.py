@@ -278,3 +278,17 @@ def test_scalebio_draws_lisa_blocks_independently_for_u_and_w():
                              axis=(1, 2)))
   active = np.asarray(lisa.active_blocks(after.lower_opt_state)[0])
   assert set(np.flatnonzero(moved)) == set(active.tolist())
+
+
+def test_penalty_schedule_is_read_at_each_step():
+  problem, train, val, _, _ = _mean_sources()
+  data = bilevel.Data(upper=val, lower=train)
+  solver = bilevel.solvers.scalebio(problem, penalty=lambda t: 2.0 + 3.0 * t)
+  result = bilevel.run(solver, jnp.zeros(NUM_SOURCES), jnp.zeros(2), data,
+                       num_steps=4)
+  np.testing.assert_allclose(result.history.penalty, [2.0, 5.0, 8.0, 11.0])
+  # With u = w the lambda direction has no penalty term: d_lambda = 0 at
+  # the first step (f does not depend on lambda), so lambda stays put.
+  first = bilevel.run(solver, jnp.zeros(NUM_SOURCES), jnp.zeros(2), data,
+                      num_steps=1)
+  assert float(first.history.hypergradient_norm[0]) == 0.0
