@@ -26,6 +26,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/hypergradient.py
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/long_runs.py
+	$(BIN)/python -m paper_repro.scalebio.run --settings memory,overhead --out results/benchmarks_scalebio
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
