@@ -5,9 +5,9 @@
    \\min_x f(x, y^*(x)) \\quad \\text{s.t.} \\quad y^*(x) = \\arg\\min_y g(x, y)
 """
 
-from bilevel import (checkpoint, constraints, derivatives, lisa,
-                     linear_solve, projections, reweighting, sharding,
-                     solvers)
+from bilevel import (best_response, checkpoint, constraints, derivatives,
+                     lisa, linear_solve, projections, regularizers,
+                     reweighting, sharding, solvers)
 from bilevel._base import BilevelSolver, HypergradientInfo, OracleCalls
 from bilevel._data import Data, SamplerState
 from bilevel._problem import Problem, validate
@@ -28,6 +28,7 @@ __all__ = [
     "Problem",
     "RunResult",
     "SamplerState",
+    "best_response",
     "checkpoint",
     "constraints",
     "derivatives",
@@ -36,6 +37,7 @@ __all__ = [
     "linear_solve",
     "lisa",
     "projections",
+    "regularizers",
     "reweighting",
     "run",
     "sharding",

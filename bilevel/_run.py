@@ -251,11 +251,11 @@ def _check_state(solver: BilevelSolver, state, data) -> None:
 
 def _scalars(info) -> dict[str, float]:
   """``{name: float}`` of the scalar diagnostics of one step."""
-  if hasattr(info, "_asdict"):
-    items = info._asdict().items()
-  else:
-    items = [(jax.tree_util.keystr(path), leaf) for path, leaf in
-             jax.tree_util.tree_flatten_with_path(info)[0]]
+  # Leaf paths; a NamedTuple's fields by name ("upper_loss", and
+  # "hyperparameters['l2']" inside a dict field).
+  items = [(jax.tree_util.keystr(path).lstrip(".") if hasattr(
+      info, "_asdict") else jax.tree_util.keystr(path), leaf)
+           for path, leaf in jax.tree_util.tree_flatten_with_path(info)[0]]
   return {name: float(value) for name, value in items
           if jnp.ndim(value) == 0 and jnp.issubdtype(jnp.result_type(value),
                                                      jnp.number)}

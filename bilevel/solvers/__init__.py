@@ -17,6 +17,7 @@ from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
                                       penalty_schedule)
 from bilevel.solvers._scalebio import ScaleBiOInfo, ScaleBiOState, scalebio
 from bilevel.solvers._soba import SOBAState, ma_soba, soba
+from bilevel.solvers._stn import STNInfo, STNState, stn
 from bilevel.solvers._stocbio import StocBiOState, stocbio
 from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
 
@@ -34,6 +35,8 @@ __all__ = [
     "PenaltyMomentumState",
     "PenaltyState",
     "SOBAState",
+    "STNInfo",
+    "STNState",
     "ScaleBiOInfo",
     "ScaleBiOState",
     "StocBiOState",
@@ -53,6 +56,7 @@ __all__ = [
     "power_schedule",
     "scalebio",
     "soba",
+    "stn",
     "stocbio",
     "ttsa",
 ]
