@@ -1,0 +1,34 @@
+"""`python -m paper_repro.stn.run --quick` runs and writes its table."""
+
+import json
+import subprocess
+import sys
+
+
+def test_quick_reproduction_writes_table_and_figure(tmp_path):
+  out = tmp_path / "stn"
+  completed = subprocess.run(
+      [sys.executable, "-m", "paper_repro.stn.run", "--quick", "--out",
+       str(out), "--settings", "digits-mlp,mnist1d-cnn,overhead"],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  report = (out / "results.md").read_text()
+  for heading in ("digits-mlp: 60 STN cycles", "mnist1d-cnn: 30 STN cycles",
+                  "overhead"):
+    assert heading in report
+  results = json.loads((out / "results.json").read_text())["settings"]
+  run = results["digits-mlp"]["runs"][0]
+  assert set(run["methods"]) == {
+      "STN", "grid search, equal steps", "random search, equal steps",
+      "best fixed dropout (6x steps)", "no regularization",
+      "STN's final values, fixed",
+      "STN hypernetwork, start values never tuned"}
+  for metrics in run["methods"].values():
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert metrics["test_loss"] > 0.0
+  # Grid and random search get 3 * 60 / 12 = 15 steps per network: at
+  # chance. Measured: STN 0.91 test accuracy after 120 training steps.
+  assert run["methods"]["STN"]["test_accuracy"] > 0.6
+  assert len(run["schedule"]["dropout0"]) == 60
+  assert set(results["overhead"]) == {"digits-mlp", "mnist1d-cnn"}
+  assert (out / "summary.png").stat().st_size > 10_000
