@@ -27,6 +27,7 @@ benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/projection.py
 	$(BIN)/python benchmarks/long_runs.py
 	$(BIN)/python -m paper_repro.scalebio.run --settings memory,overhead --out results/benchmarks_scalebio
+	$(BIN)/python -m paper_repro.stn.run --settings overhead --out results/benchmarks_stn
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -96,12 +96,21 @@ SOLVER_KWARGS = {
 
 
 def solver_factories() -> dict[str, Callable]:
-  """The solver factories exported by :mod:`bilevel.solvers`, by name."""
+  """The solver factories of :mod:`bilevel.solvers` that take a problem alone.
+
+  Factories with a second required argument (``stn(problem, space)``,
+  whose objectives read a hyperparameter record instead of ``x``) need a
+  problem of their own: ``paper_repro/stn`` measures STN's overhead.
+  """
   factories = {}
   for name in bilevel.solvers.__all__:
     value = getattr(bilevel.solvers, name)
-    if name.islower() and callable(value) and next(iter(
-        inspect.signature(value).parameters), None) == "problem":
+    if not (name.islower() and callable(value)):
+      continue
+    parameters = list(inspect.signature(value).parameters.values())
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if parameters and parameters[0].name == "problem" and len(required) == 1:
       factories[name] = value
   return factories
 

@@ -72,7 +72,8 @@ def test_projection_script_quick():
 
 def test_solvers_are_discovered():
   assert set(overhead.solver_factories()) >= {"aid", "itd", "stocbio", "soba",
-                                              "amigo"}
+                                              "amigo", "scalebio", "lvhba"}
+  assert "stn" not in overhead.solver_factories()  # its own problem contract
 
 
 # What each derivative function counts as: (Gf, Gg, HVP, JVP).

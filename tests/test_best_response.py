@@ -183,7 +183,7 @@ def test_hyper_conv_matches_a_correlation_per_example_1d_and_2d():
     params["gate"] = jax.random.normal(k[1], (2, 6))
     inputs = jax.random.normal(k[2], (2,) + spatial + (2,))
     rows = jax.random.normal(k[3], (2, 2))
-    out = br.hyper_conv(params, inputs, rows)
+    out = jax.jit(br.hyper_conv)(params, inputs, rows)
     assert out.shape == (2,) + spatial + (3,)
     p = {name: np.asarray(v) for name, v in params.items()}
 
@@ -275,7 +275,8 @@ def test_random_shift_moves_a_pixel_within_the_range():
   image = jnp.zeros((8, 8)).at[4, 4].set(1.0)
   images = jnp.stack([image] * 2000)
   max_shift = jnp.asarray([0.0] * 1000 + [2.0] * 1000)
-  out = np.asarray(regularizers.random_shift(KEY, images, max_shift))
+  shift = jax.jit(regularizers.random_shift, static_argnames="axes")
+  out = np.asarray(shift(KEY, images, max_shift))
   assert np.all(out[:1000] == np.asarray(image))
   assert np.allclose(out.sum((1, 2)), 1.0)  # within bounds: nothing lost
   rows, cols = np.nonzero(out[1000:].sum(0))
@@ -285,8 +286,7 @@ def test_random_shift_moves_a_pixel_within_the_range():
   assert counts.min() > 20 and counts.max() < 65
   # Signals (B, L, C) along axis 1; zeros come in at the edges.
   signal = jnp.ones((500, 10, 1))
-  moved = np.asarray(regularizers.random_shift(KEY, signal,
-                                               jnp.full(500, 3.0), axes=(1,)))
+  moved = np.asarray(shift(KEY, signal, jnp.full(500, 3.0), axes=(1,)))
   assert set(np.unique(moved.sum((1, 2)))) <= {7.0, 8.0, 9.0, 10.0}
   with pytest.raises(ValueError, match="exclude the batch axis"):
     regularizers.random_shift(KEY, images, max_shift, axes=(0, 1))

@@ -75,6 +75,18 @@ def _step_with_other_data(name):
   return solver.step(state, None)
 
 
+_STN_SPACE = bilevel.best_response.HyperparameterSpace(
+    {"l2": bilevel.best_response.positive(1e-3)})
+
+
+def _stn_problem():
+  """STN's contract: the objectives read hp.unconstrained / hp.values."""
+  return bilevel.Problem(
+      lambda hp, y, b: jnp.sum((y - 1.0) ** 2),
+      lambda hp, y, b: 0.5 * jnp.sum(y ** 2) * (1 + jnp.mean(
+          hp.values["l2"])) + jnp.mean(hp.unconstrained) * jnp.sum(y))
+
+
 class Case(NamedTuple):
   """One kind of bad input.
 
@@ -221,6 +233,31 @@ CASES = [
                  bilevel.sharding.make_mesh())]),
          ValueError, r"state_sharding must be a pytree of "
          r"jax.sharding.Sharding that matches the solver state"),
+    # Self-Tuning Networks.
+    Case("stn-space-not-a-space", "construction",
+         lambda name: bilevel.solvers.stn(_stn_problem(), {"l2": 1e-3}),
+         TypeError, r"stn's second argument must be a bilevel.best_response."
+         r"HyperparameterSpace; got dict", ("stn",)),
+    Case("stn-entropy-weight-zero", "construction",
+         lambda name: bilevel.solvers.stn(_stn_problem(), _STN_SPACE,
+                                          entropy_weight=0.0),
+         ValueError, r"stn with tune_scales=True needs entropy_weight > 0",
+         ("stn",)),
+    Case("stn-x-not-hyper-variables", "init",
+         lambda name: bilevel.solvers.stn(_stn_problem(), _STN_SPACE).init(
+             jnp.zeros(1), Y, key=KEY),
+         TypeError, r"stn's upper variable x must be a bilevel.best_response."
+         r"HyperVariables; got ArrayImpl", ("stn",)),
+    Case("stn-x-wrong-size", "init",
+         lambda name: bilevel.solvers.stn(_stn_problem(), _STN_SPACE).init(
+             bilevel.best_response.HyperVariables(jnp.zeros(2), jnp.zeros(2)),
+             Y, key=KEY),
+         ValueError, r"x.unconstrained must have shape \(1,\), one entry per "
+         r"hyperparameter \(l2\); got \(2,\)", ("stn",)),
+    Case("hyperparameter-init-outside-interval", "construction",
+         lambda name: bilevel.best_response.interval(0.95, 0.0, 0.9),
+         ValueError, r"An interval hyperparameter's init must lie strictly "
+         r"inside \(low, high\)", ("stn",)),
     Case("flag-not-bool", "construction",
          lambda name: _solver(name, warm_start_linear="no"), TypeError,
          r"warm_start_linear must be a bool \(True or False\); got 'no' "

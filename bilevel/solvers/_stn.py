@@ -61,6 +61,17 @@ setting with tuned scales; its argparse default 1e-5 is for fixed scales),
 decay on a validation plateau is left to the caller (an optax schedule or
 ``optax.contrib.reduce_on_plateau`` in ``lower_optimizer``).
 
+**Against the official code** (``../shared/research/algorithms.md`` §5.7):
+the validation phase perturbs its rows only when it tunes :math:`\sigma`
+(as the code; the paper's text leaves it open); every regularizer,
+augmentation included, is applied inside the compiled step at that step's
+values, so no prefetched batch carries stale hyperparameters (the code
+pushes augmentation strengths into a PyTorch ``Dataset`` whose workers may
+prefetch); the gated layers keep the code's extra learnable scalar
+:math:`s`; discrete hyperparameters give each integer of their range an
+equal share of the sigmoid (the code's cutout length starts from a range
+of 25 values for a range of 24).
+
 References:
   MacKay, Vicol, Lorraine, Duvenaud & Grosse, "Self-Tuning Networks: Bilevel
   optimization of hyperparameters using structured best-response
