@@ -252,3 +252,24 @@ def test_classifier_problem_runs_and_tunes():
   assert "dropout0" in moved and "l2" in moved
   metrics = task.evaluate(result.x, result.y)
   assert 0.0 <= float(metrics["test_accuracy"]) <= 1.0
+
+
+def test_checkpointed_run_resumes_bit_identically(tmp_path):
+  """Warm-up crossing the interruption, the key and the sampler restored."""
+  problem, space, phi0, data = _tiny_problem()
+  solver = bilevel.solvers.stn(problem, space, num_warmup_steps=12)
+  x0 = br.init_variables(space)
+
+  def run(num_steps, **kwargs):
+    return bilevel.run(solver, x0, phi0, data, num_steps=num_steps, key=KEY,
+                       steps_per_chunk=4, **kwargs)
+
+  whole = run(12)
+  run(4, checkpoint_dir=tmp_path)
+  resumed = run(12, checkpoint_dir=tmp_path)
+  unkey = lambda state: state._replace(key=jax.random.key_data(state.key))
+  jax.tree.map(np.testing.assert_array_equal, unkey(resumed.state),
+               unkey(whole.state))
+  jax.tree.map(np.testing.assert_array_equal, resumed.history,
+               whole.history)
+  assert int(np.sum(whole.history.warmup)) == 6  # cycles 1-6 of 2 steps
