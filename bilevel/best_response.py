@@ -528,6 +528,14 @@ def linear(num_hyper: int, *, rank: int | None = None) -> BestResponse:
   :math:`N(0, 1/H)` so the :math:`B_k` get gradients; :math:`U`, :math:`B`
   start at zero).
 
+  **Conditioning.** As in the paper, the response reads the raw
+  :math:`\tilde\lambda`, not :math:`\tilde\lambda` minus its current
+  value: far from 0 (e.g. :math:`\mathrm{softplus}^{-1}(10^{-4}) \approx
+  -9.2`), :math:`w_0` and :math:`U` are strongly coupled and SGD fits the
+  slope slowly (the perturbation gives it curvature of order
+  :math:`\sigma^2`). Decaying step sizes help (``tests/test_stn.py``);
+  Bae & Grosse (Delta-STN, NeurIPS 2020) centre the response instead.
+
   Args:
     num_hyper: :math:`H`.
     rank: ``None`` for the full linear response, or :math:`r \ge 1`.
