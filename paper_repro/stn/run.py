@@ -381,7 +381,7 @@ def plot(out, results):
     ax.set(title=f"{setting}: test loss", xlim=(0.9 * values.min(),
                                                 1.05 * values.max()))
   fig.tight_layout()
-  fig.savefig(out / "summary.png", dpi=70)
+  fig.savefig(out / "summary.png", dpi=60)
 
 
 def main(argv=None):
