@@ -11,6 +11,7 @@ over the last tenth of the steps, infinite for a diverged run).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pathlib
 import time
@@ -359,3 +360,15 @@ def summary_figure(blocks: dict, out: pathlib.Path, panel: Callable, *,
   figure.savefig(path, dpi=80)
   plt.close(figure)
   return path
+
+
+def save(opts: Options, results: dict, write_report: Callable,
+         plot: Callable) -> None:
+  """Writes ``results.json`` (the settings and the total seconds), then
+  ``write_report(out, results, seconds)`` and ``plot(out, results)``."""
+  seconds = time.perf_counter() - opts.began
+  (opts.out / "results.json").write_text(json.dumps(
+      {"settings": results, "seconds": seconds}, indent=1))
+  write_report(opts.out, results, seconds)
+  plot(opts.out, results)
+  opts.log(f"wrote {opts.out}")

@@ -48,7 +48,7 @@ import optax
 
 import bilevel
 from bilevel import lisa, reweighting
-from paper_repro._common import options
+from paper_repro._common import options, save
 from problems import data_reweighting
 
 SETTINGS = ("digits", "text", "memory", "sharding", "overhead")
@@ -385,8 +385,8 @@ def _table(setting, result) -> list[str]:
   fractions = [run["retrained"]["loss filter"]["fraction"] for run in runs]
   lines += ["", f"Loss filter: fraction dropped per seed {fractions}.", ""]
   sources = runs[0]["source_names"]
-  lines += [f"Learned weights p (mean over seeds) and ScaleBiO's own model "
-            f"w:", "", "| method | " + " | ".join(sources)
+  lines += ["Learned weights p (mean over seeds) and ScaleBiO's own model "
+            "w:", "", "| method | " + " | ".join(sources)
             + f" | seconds | w {metric} |",
             "| --- " * (len(sources) + 3) + "|"]
   for name in runs[0]["learned"]:
@@ -492,12 +492,7 @@ def main(argv=None):
       raise ValueError(f"unknown setting {setting!r}; choose from "
                        f"{SETTINGS}")
     jax.clear_caches()
-  seconds = time.perf_counter() - opts.began
-  (opts.out / "results.json").write_text(json.dumps(
-      {"settings": results, "seconds": seconds}, indent=1))
-  write_report(opts.out, results, seconds)
-  plot(opts.out, results)
-  opts.log(f"wrote {opts.out}")
+  save(opts, results, write_report, plot)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,6 @@ Writes ``results.md``, ``results.json`` and ``summary.png`` to ``--out``.
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
@@ -61,7 +60,7 @@ import optax
 
 import bilevel
 from bilevel import best_response as br
-from paper_repro._common import options
+from paper_repro._common import options, save
 from problems import self_tuning
 
 SETTINGS = ("digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn",
@@ -402,12 +401,7 @@ def main(argv=None):
       raise ValueError(f"unknown setting {setting!r}; choose from "
                        f"{SETTINGS}")
     jax.clear_caches()
-  seconds = time.perf_counter() - opts.began
-  (opts.out / "results.json").write_text(json.dumps(
-      {"settings": results, "seconds": seconds}, indent=1))
-  write_report(opts.out, results, seconds)
-  plot(opts.out, results)
-  opts.log(f"wrote {opts.out}")
+  save(opts, results, write_report, plot)
 
 
 if __name__ == "__main__":
