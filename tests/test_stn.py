@@ -272,3 +272,16 @@ def test_vmap_over_seeds_matches_separate_runs():
     np.testing.assert_allclose(batched.unconstrained[i], single.unconstrained,
                                rtol=1e-12)
   assert not np.allclose(batched.unconstrained[0], batched.unconstrained[1])
+
+
+def test_divergence_report_names_the_hyperparameters():
+  """A blow-up is reported with the last finite diagnostics, the nested
+  hyperparameter values included."""
+  problem, space, phi0, data = _tiny_problem()
+  solver = bilevel.solvers.stn(problem, space, lower_optimizer=optax.sgd(10.0),
+                               num_warmup_steps=0)
+  with pytest.raises(bilevel.DivergenceError,
+                     match=r"hyperparameters\['a'\]=") as info:
+    bilevel.run(solver, br.init_variables(space), phi0, data, num_steps=200,
+                key=KEY)
+  assert "train_loss" in info.value.last_finite_info
