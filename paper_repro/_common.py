@@ -372,3 +372,25 @@ def save(opts: Options, results: dict, write_report: Callable,
   write_report(opts.out, results, seconds)
   plot(opts.out, results)
   opts.log(f"wrote {opts.out}")
+
+
+def step_and_oracle_ms(steps: Callable, oracles: Callable, arg, num_steps: int,
+                       quick: bool) -> tuple[float, float]:
+  """Milliseconds per step of two compiled loops of ``num_steps``, timed
+  side by side: medians over 5 runs (1 with ``quick``), interleaved over 3
+  rounds (1), after one call each that compiles."""
+  def timed(fun):
+    jax.block_until_ready(fun(arg))
+    times = []
+    for _ in range(1 if quick else 5):
+      start = time.perf_counter()
+      jax.block_until_ready(fun(arg))
+      times.append(time.perf_counter() - start)
+    return float(np.median(times)) / num_steps
+
+  step_seconds, oracle_seconds = [], []
+  for _ in range(1 if quick else 3):  # interleaved
+    step_seconds.append(timed(steps))
+    oracle_seconds.append(timed(oracles))
+  return (1e3 * float(np.median(step_seconds)),
+          1e3 * float(np.median(oracle_seconds)))

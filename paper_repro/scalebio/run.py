@@ -48,7 +48,7 @@ import optax
 
 import bilevel
 from bilevel import lisa, reweighting
-from paper_repro._common import options, save
+from paper_repro._common import options, save, step_and_oracle_ms
 from problems import data_reweighting
 
 SETTINGS = ("digits", "text", "memory", "sharding", "overhead")
@@ -329,21 +329,9 @@ def overhead_setting(opts, quick: bool) -> dict:
     carry = (state.x, state.y, state.z, state.sampler)
     return jax.lax.scan(body, carry, None, length=num_steps)[0]
 
-  def timed(fun):
-    jax.block_until_ready(fun(state))
-    times = []
-    for _ in range(1 if quick else 5):
-      start = time.perf_counter()
-      jax.block_until_ready(fun(state))
-      times.append(time.perf_counter() - start)
-    return float(np.median(times)) / num_steps
-
-  step_seconds, oracle_seconds = [], []
-  for _ in range(1 if quick else 3):  # interleaved
-    step_seconds.append(timed(steps))
-    oracle_seconds.append(timed(oracles))
-  report = {"step_ms": 1e3 * float(np.median(step_seconds)),
-            "oracles_ms": 1e3 * float(np.median(oracle_seconds))}
+  step_ms, oracle_ms = step_and_oracle_ms(steps, oracles, state, num_steps,
+                                          quick)
+  report = {"step_ms": step_ms, "oracles_ms": oracle_ms}
   report["ratio"] = report["step_ms"] / report["oracles_ms"]
   opts.log(f"overhead: {report}")
   return report

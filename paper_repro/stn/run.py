@@ -60,7 +60,7 @@ import optax
 
 import bilevel
 from bilevel import best_response as br
-from paper_repro._common import options, save
+from paper_repro._common import options, save, step_and_oracle_ms
 from problems import self_tuning
 
 SETTINGS = ("digits-mlp", "digits-cnn", "mnist1d-mlp", "mnist1d-cnn",
@@ -272,21 +272,9 @@ def overhead_setting(opts, quick) -> dict:
       return jax.lax.scan(body, carry,
                           jax.random.split(state.key, num_cycles))[0]
 
-    def timed(fun):
-      jax.block_until_ready(fun(state))
-      times = []
-      for _ in range(2 if quick else 5):
-        start = time.perf_counter()
-        jax.block_until_ready(fun(state))
-        times.append(time.perf_counter() - start)
-      return float(np.median(times)) / num_cycles
-
-    cycle_ms, oracle_ms = [], []
-    for _ in range(1 if quick else 3):  # interleaved
-      cycle_ms.append(1e3 * timed(cycles))
-      oracle_ms.append(1e3 * timed(oracles))
-    report = {"cycle_ms": float(np.median(cycle_ms)),
-              "oracles_ms": float(np.median(oracle_ms))}
+    cycle_ms, oracle_ms = step_and_oracle_ms(cycles, oracles, state,
+                                             num_cycles, quick)
+    report = {"cycle_ms": cycle_ms, "oracles_ms": oracle_ms}
     report["ratio"] = report["cycle_ms"] / report["oracles_ms"]
     rows[setting] = report
     opts.log(f"overhead {setting}: {report}")
