@@ -1,0 +1,1 @@
+"""The conformance bank: small bilevel problems written from the math."""
