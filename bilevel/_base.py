@@ -322,6 +322,22 @@ def level_batches(sampler, data, level: str, num: int):
   return batch, None, sampler
 
 
+def first_batch(fixed_batch, stacked_batches):
+  """The first of :func:`level_batches`' batches (the fixed one if any)."""
+  if stacked_batches is None:
+    return fixed_batch
+  return jax.tree.map(lambda leaf: leaf[0], stacked_batches)
+
+
+def tangent_grads(problem: Problem) -> int:
+  """Lower gradients a step spends on the projection's Jacobian ``D``.
+
+  One with ``project_y`` (:func:`bilevel.derivatives.implicit_tangent`),
+  none without.
+  """
+  return 0 if problem.project_y is None else 1
+
+
 def lower_batches(sampler, data, num: int):
   """:func:`level_batches` of the lower level."""
   return level_batches(sampler, data, "lower", num)

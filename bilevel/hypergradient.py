@@ -8,6 +8,10 @@ Two estimators, each written once and used by every solver that needs it:
 
   .. math:: \nabla \Phi(x) \approx \nabla_x f(x, y) - J v ;
 
+  with ``project_y`` the projected version of :mod:`bilevel.derivatives`
+  (:math:`\tilde H u = D \nabla_y f`, :math:`\nabla_x f - J D u`), right
+  where :math:`y^*` lies on the boundary of ``Y``;
+
 * unrolled differentiation (ITD): reverse-mode differentiation of
   :math:`x \mapsto f(x, y_K(x))` through ``K`` lower-level optimizer steps
   run as a ``lax.scan``.
@@ -94,9 +98,11 @@ def implicit_hypergradient_and_info(
     linear_solver = linear_solve_lib.cg()
   upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
       problem, x, y, upper_batch)
-  grad_y_g, pullback = derivatives.lower_vjp(problem, x, y, lower_batch)
-  v = linear_solver.solve(lambda u: pullback(u)[1], grad_y_f, v_init)
-  hypergradient, residual = _estimate(pullback, v, grad_x_f, grad_y_f)
+  grad_y_g, pullback, tangent = derivatives.implicit_vjp(
+      problem, x, y, lower_batch)
+  rhs = derivatives.tangent_apply(tangent, grad_y_f)
+  v = linear_solver.solve(lambda u: pullback(u)[1], rhs, v_init)
+  hypergradient, residual = _estimate(pullback, v, grad_x_f, rhs)
   info = ImplicitInfo(v=v, upper_loss=upper_loss,
                       lower_grad_norm=optax.tree.norm(grad_y_g),
                       linear_residual_norm=residual)
@@ -111,19 +117,25 @@ def _estimate(pullback, v, grad_x_f, grad_y_f):
 
 def hypergradient_from_solution(problem: Problem, x: PyTree, y: PyTree,
                                 v: PyTree, grad_x_f: PyTree, grad_y_f: PyTree,
-                                lower_batch=None) -> tuple[PyTree, jax.Array]:
+                                lower_batch=None, tangent=None
+                                ) -> tuple[PyTree, jax.Array]:
   r"""The estimate :math:`\nabla_x f - J v` for a given ``v``, and its residual.
 
   For solvers that compute ``v`` their own way (Neumann series with fresh
   batches, SGD on the linear system). One ``jax.vjp`` of
   :math:`\nabla_y g` on ``lower_batch`` gives :math:`J v` and, for free,
-  :math:`H v`.
+  :math:`H v`. With ``project_y`` the estimate is :math:`\nabla_x f - J D v`
+  and the residual :math:`\|\tilde H v - D \nabla_y f\|`
+  (:mod:`bilevel.derivatives`), with ``tangent`` :math:`D` (by default from
+  :math:`\nabla_y g` on ``lower_batch``).
 
   Returns:
     ``(hypergradient, ||H v - grad_y f||)``.
   """
-  _, pullback = derivatives.lower_vjp(problem, x, y, lower_batch)
-  return _estimate(pullback, v, grad_x_f, grad_y_f)
+  _, pullback, tangent = derivatives.implicit_vjp(problem, x, y, lower_batch,
+                                                  tangent)
+  return _estimate(pullback, v, grad_x_f,
+                   derivatives.tangent_apply(tangent, grad_y_f))
 
 
 class SingleLoopEstimate(NamedTuple):
@@ -152,13 +164,18 @@ def single_loop_estimate(problem: Problem, x: PyTree, y: PyTree, v: PyTree,
   One ``jax.vjp`` of :math:`\nabla_y g` on ``lower_batch`` gives
   :math:`\nabla_y g`, :math:`H v` and :math:`J v`; one backward pass of
   ``f`` on ``upper_batch`` gives :math:`\nabla_x f` and :math:`\nabla_y f`.
-  Cost: ``1 Gf + 1 Gg + 1 HVP + 1 JVP``.
+  Cost: ``1 Gf + 1 Gg + 1 HVP + 1 JVP``. With ``project_y``, ``H`` is the
+  projected operator :math:`\tilde H`, the right-hand side
+  :math:`D \nabla_y f` and the cross term :math:`J D v`
+  (:mod:`bilevel.derivatives`).
   """
-  lower_grad, hv, cross = derivatives.lower_hvp_and_cross(
-      problem, x, y, v, lower_batch)
+  lower_grad, pullback, tangent = derivatives.implicit_vjp(
+      problem, x, y, lower_batch)
+  cross, hv = pullback(v)
   upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
       problem, x, y, upper_batch)
-  linear_grad = optax.tree.sub(hv, grad_y_f)
+  linear_grad = optax.tree.sub(hv, derivatives.tangent_apply(tangent,
+                                                             grad_y_f))
   return SingleLoopEstimate(upper_loss, lower_grad,
                             optax.tree.sub(grad_x_f, cross), linear_grad,
                             optax.tree.norm(linear_grad))

@@ -96,13 +96,16 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
 
     fixed_batch, batches, sampler = _base.lower_batches(
         sampler, data, num_linear_steps)
+    tangent = derivatives.implicit_tangent(
+        problem, x, y, _base.first_batch(fixed_batch, batches))
+    rhs = derivatives.tangent_apply(tangent, grad_y_f)
 
     def linear_step(carry, batch):
       v, opt_state = carry
       batch = fixed_batch if batches is None else batch
-      hv = derivatives.lower_hvp(problem, x, y, v, batch)
+      hv = derivatives.implicit_hvp(problem, x, y, v, batch, tangent)
       updates, opt_state = linear_optimizer.update(
-          optax.tree.sub(hv, grad_y_f), opt_state, v)
+          optax.tree.sub(hv, rhs), opt_state, v)
       return (optax.apply_updates(v, updates), opt_state), None
 
     (v, linear_opt_state), _ = jax.lax.scan(
@@ -110,7 +113,7 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
         length=num_linear_steps)
     cross_batch, sampler = _data.sample(sampler, data, "lower")
     hypergradient, residual = hypergradient_from_solution(
-        problem, x, y, v, grad_x_f, grad_y_f, cross_batch)
+        problem, x, y, v, grad_x_f, grad_y_f, cross_batch, tangent)
     x, upper_opt_state, info = _base.upper_step(
         problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
         upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
@@ -119,6 +122,7 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
                       linear_opt_state, sampler, state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(
-      upper_grads=1, lower_grads=num_lower_steps, hvps=num_linear_steps,
-      cross_products=1)
+      upper_grads=1,
+      lower_grads=num_lower_steps + _base.tangent_grads(problem),
+      hvps=num_linear_steps, cross_products=1)
   return _base.BilevelSolver(init, step, oracle_calls)

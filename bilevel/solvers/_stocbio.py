@@ -91,18 +91,23 @@ def stocbio(problem: Problem, *, upper_optimizer: Any = 1.0,
         problem, x, y, upper_batch)
     fixed_batch, neumann_batches, sampler = _base.lower_batches(
         sampler, data, num_neumann_terms)
+    tangent = derivatives.implicit_tangent(
+        problem, x, y, _base.first_batch(fixed_batch, neumann_batches))
+    rhs = derivatives.tangent_apply(tangent, grad_y_f)
     if neumann_batches is None:
       v = linear_solve_lib.neumann_series(
-          lambda u: derivatives.lower_hvp(problem, x, y, u, fixed_batch),
-          grad_y_f, step_size=neumann_step_size, num_terms=num_neumann_terms)
+          lambda u: derivatives.implicit_hvp(problem, x, y, u, fixed_batch,
+                                             tangent),
+          rhs, step_size=neumann_step_size, num_terms=num_neumann_terms)
     else:
       v = linear_solve_lib.neumann_series(
-          lambda u, batch: derivatives.lower_hvp(problem, x, y, u, batch),
-          grad_y_f, step_size=neumann_step_size, num_terms=num_neumann_terms,
+          lambda u, batch: derivatives.implicit_hvp(problem, x, y, u, batch,
+                                                    tangent),
+          rhs, step_size=neumann_step_size, num_terms=num_neumann_terms,
           operands=neumann_batches)
     cross_batch, sampler = _data.sample(sampler, data, "lower")
     hypergradient, residual = hypergradient_from_solution(
-        problem, x, y, v, grad_x_f, grad_y_f, cross_batch)
+        problem, x, y, v, grad_x_f, grad_y_f, cross_batch, tangent)
     x, upper_opt_state, info = _base.upper_step(
         problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
         upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
@@ -111,6 +116,7 @@ def stocbio(problem: Problem, *, upper_optimizer: Any = 1.0,
                         state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(
-      upper_grads=1, lower_grads=num_lower_steps, hvps=num_neumann_terms,
-      cross_products=1)
+      upper_grads=1,
+      lower_grads=num_lower_steps + _base.tangent_grads(problem),
+      hvps=num_neumann_terms, cross_products=1)
   return _base.BilevelSolver(init, step, oracle_calls)

@@ -125,6 +125,7 @@ def ttsa(problem: Problem, *, upper_optimizer: Any = None,
     upper_loss, grad_x_f, grad_y_f = derivatives.upper_value_and_grads(
         problem, x, y, upper_batch)
 
+    tangent = derivatives.implicit_tangent(problem, x, y, lower_batch)
     key, truncation_key = jax.random.split(state.key)
     num_terms = jax.random.randint(truncation_key, (), 0, num_neumann_terms,
                                    dtype=jnp.int32)
@@ -132,15 +133,16 @@ def ttsa(problem: Problem, *, upper_optimizer: Any = None,
     def neumann_term(_, carry):
       v, sampler_ = carry
       batch, sampler_ = _data.sample(sampler_, data, "lower")
-      hv = derivatives.lower_hvp(problem, x, y, v, batch)
+      hv = derivatives.implicit_hvp(problem, x, y, v, batch, tangent)
       return optax.tree.add_scale(v, -neumann_step_size, hv), sampler_
 
-    v, sampler = jax.lax.fori_loop(0, num_terms, neumann_term,
-                                   (grad_y_f, sampler))
+    v, sampler = jax.lax.fori_loop(
+        0, num_terms, neumann_term,
+        (derivatives.tangent_apply(tangent, grad_y_f), sampler))
     v = optax.tree.scale(num_neumann_terms * neumann_step_size, v)
     cross_batch, sampler = _data.sample(sampler, data, "lower")
     hypergradient, residual = hypergradient_from_solution(
-        problem, x, y, v, grad_x_f, grad_y_f, cross_batch)
+        problem, x, y, v, grad_x_f, grad_y_f, cross_batch, tangent)
     x, upper_opt_state, info = _base.upper_step(
         problem, upper_optimizer, hypergradient, state.upper_opt_state, x,
         upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
@@ -149,6 +151,6 @@ def ttsa(problem: Problem, *, upper_optimizer: Any = None,
                      state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(
-      upper_grads=1, lower_grads=1, hvps=num_neumann_terms - 1,
-      cross_products=1)
+      upper_grads=1, lower_grads=1 + _base.tangent_grads(problem),
+      hvps=num_neumann_terms - 1, cross_products=1)
   return _base.BilevelSolver(init, step, oracle_calls)
