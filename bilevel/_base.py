@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bilevel import _data, linear_solve
+from bilevel import _data, derivatives, linear_solve
 from bilevel._problem import Problem, validate
 from bilevel._validation import check_positive_int, describe_value
 from bilevel.hypergradient import lower_descent
@@ -229,12 +229,32 @@ def check_initial_point(problem: Problem, x: PyTree, y: PyTree,
           "jnp.log(jnp.maximum(z, 1e-12))).")
 
 
-def prepare(problem: Problem, x: PyTree, y: PyTree, data, key):
+def check_projection_differentiable(problem: Problem, y: PyTree) -> None:
+  """Refuses a ``project_y`` that JAX cannot differentiate (abstractly).
+
+  Solvers that differentiate through the lower solution (implicit and
+  unrolled hypergradients) need the projection's Jacobian where ``y*`` lies
+  on the boundary of ``Y`` (:mod:`bilevel.derivatives`).
+
+  Raises:
+    ValueError: naming the failure and the solvers that do not need it.
+  """
+  if problem.project_y is None:
+    return
+  jax.eval_shape(lambda y_: derivatives.lower_tangent(
+      problem, y_, optax.tree.zeros_like(y_))(y_), y)
+
+
+def prepare(problem: Problem, x: PyTree, y: PyTree, data, key, *,
+            differentiates_projection: bool = False):
   """Validates the inputs of ``init`` and returns the sampler state.
 
   Checks the data, the problem at ``(x, y)`` (abstractly), the key, and,
   when the inputs are concrete, that the initial point and the objectives
-  there are finite (:func:`check_initial_point`).
+  there are finite (:func:`check_initial_point`). With
+  ``differentiates_projection`` (solvers that differentiate through
+  ``y*``), also that JAX can differentiate ``project_y``
+  (:func:`check_projection_differentiable`).
   """
   _data.validate_data(data)
   upper_spec = None if data is None else _data.batch_spec(
@@ -242,6 +262,8 @@ def prepare(problem: Problem, x: PyTree, y: PyTree, data, key):
   lower_spec = None if data is None else _data.batch_spec(
       data.lower, data.lower_batch_size)
   validate(problem, x, y, upper_spec, lower_spec)
+  if differentiates_projection:
+    check_projection_differentiable(problem, y)
   sampler = _data.init_sampler(data, key)
   check_initial_point(problem, x, y, data)
   return sampler

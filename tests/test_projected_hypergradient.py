@@ -253,3 +253,18 @@ def test_a_projection_jax_cannot_differentiate_is_refused():
   with pytest.raises(ValueError, match="project_y cannot be differentiated"):
     bilevel.implicit_hypergradient(problem, jnp.asarray(case["x"]),
                                    jnp.asarray(case["y"]))
+
+
+@pytest.mark.parametrize("name", ["aid", "amigo", "stocbio", "ttsa"])
+def test_solvers_refuse_a_projection_jax_cannot_differentiate_at_init(name):
+  case = _case("box")
+
+  def project(y):
+    return jax.pure_callback(lambda a: np.clip(a, -0.3, 0.4),
+                             jax.ShapeDtypeStruct(y.shape, y.dtype), y)
+
+  problem = bilevel.Problem(case["problem"].upper, case["problem"].lower,
+                            project_y=project)
+  solver = getattr(bilevel.solvers, name)(problem)
+  with pytest.raises(ValueError, match="penalty"):
+    solver.init(jnp.asarray(case["x"]), jnp.asarray(case["y"]))

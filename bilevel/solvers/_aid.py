@@ -88,7 +88,8 @@ def aid(problem: Problem, *, upper_optimizer: Any = 1.0,
   _base.check_linear_solver("linear_solver", linear_solver)
 
   def init(x, y, *, key=None, data=None) -> AIDState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     return AIDState(
         x=x, y=y, v=optax.tree.zeros_like(y),
         upper_opt_state=upper_optimizer.init(x),

@@ -76,7 +76,8 @@ def amigo(problem: Problem, *, upper_optimizer: Any = 1.0,
   check_positive_int("num_linear_steps", num_linear_steps)
 
   def init(x, y, *, key=None, data=None) -> AmIGOState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     return AmIGOState(
         x=x, y=y, v=optax.tree.zeros_like(y),
         upper_opt_state=upper_optimizer.init(x),

@@ -74,7 +74,8 @@ def stocbio(problem: Problem, *, upper_optimizer: Any = 1.0,
   check_positive_int("num_neumann_terms", num_neumann_terms)
 
   def init(x, y, *, key=None, data=None) -> StocBiOState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     return StocBiOState(
         x=x, y=y, upper_opt_state=upper_optimizer.init(x),
         lower_opt_state=lower_optimizer.init(y), sampler=sampler,

@@ -106,7 +106,9 @@ def ttsa(problem: Problem, *, upper_optimizer: Any = None,
   check_positive_int("num_neumann_terms", num_neumann_terms)
 
   def init(x, y, *, key=None, data=None) -> TTSAState:
-    sampler = _base.prepare(problem, x, y, data, key)  # validates the key
+    # prepare validates the key.
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     # The truncations draw from their own stream (the sampler splits key).
     key = jax.random.key(0) if key is None else jax.random.fold_in(key, 1)
     return TTSAState(
