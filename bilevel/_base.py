@@ -100,10 +100,12 @@ def require_unconstrained(problem: Problem, solver_name: str) -> None:
                      for name in problem.lower_constraint_fields)
   raise ValueError(
       f"bilevel.solvers.{solver_name} cannot handle lower-level constraints "
-      f"({fields}): it would silently ignore them. Use a solver for "
-      "constrained lower levels, or drop the constraints: add them to g as "
-      "a penalty, or use project_x/project_y when the set is a product of "
-      "a set of x and a set of y.")
+      f"({fields}): it would silently ignore them. Use "
+      "bilevel.solvers.lvhba, which handles constraints that couple x and "
+      "y; or turn them into a penalty in g with "
+      "bilevel.constraints.penalize(problem, rho) (biased by O(1/rho)); or "
+      "use project_x/project_y when the set is a product of a set of x and "
+      "a set of y.")
 
 
 def check_linear_solver(name: str, value: Any) -> None:
