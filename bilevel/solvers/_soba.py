@@ -1,4 +1,4 @@
-r"""SOBA: single-loop stochastic bilevel optimization.
+r"""SOBA and MA-SOBA: single-loop stochastic bilevel optimization.
 
 At step :math:`t`, with one lower batch for :math:`\nabla_y g`, :math:`H` and
 :math:`J` (all three from one ``jax.vjp``) and one upper batch for
@@ -11,12 +11,23 @@ At step :math:`t`, with one lower batch for :math:`\nabla_y g`, :math:`H` and
    x_{t+1} &= \Pi_X\big(x_t - \gamma_t (\nabla_x f(x_t, y_t) - J v_t)\big)
 
 (steps through the three optax optimizers). Sign convention: here
-:math:`v \approx +H^{-1} \nabla_y f` as in every solver of this library; the
+:math:`v \approx +H^{-1} \nabla_y f` as in every solver of this library; SOBA's
 paper and benchopt's code store :math:`-v`.
+
+MA-SOBA (:func:`ma_soba`) runs the same step with a moving average of the
+hypergradient estimates in place of the last estimate in the update of
+``x``. Its analysis (Chen, Xiao & Balasubramanian) asks only for Lipschitz
+gradients of ``f`` and Lipschitz second derivatives of ``g``, where SOBA's
+relied on higher-order smoothness of both levels, and keeps SOBA's
+optimal sample complexity.
 
 References:
   Dagréou, Ablin, Vaiter & Moreau, "A framework for bilevel optimization that
   enables stochastic and global variance reduction algorithms", NeurIPS 2022.
+
+  Chen, Xiao & Balasubramanian, "Optimal algorithms for stochastic bilevel
+  optimization under relaxed smoothness conditions", Journal of Machine
+  Learning Research 25(151):1-51, 2024; arXiv 2306.12067.
 """
 
 from __future__ import annotations
@@ -71,8 +82,8 @@ def soba(problem: Problem, *, upper_optimizer: Any = 0.5,
                linear_optimizer=linear_optimizer, linear_radius=linear_radius)
 
 
-def ma_soba(problem: Problem, *, upper_step_size: Any = 0.5,
-            momentum: float = 0.9, lower_optimizer: Any = 0.5,
+def ma_soba(problem: Problem, *, upper_step_size: Any = 0.4,
+            momentum: float = 0.2, lower_optimizer: Any = 0.5,
             linear_optimizer: Any = 0.5, linear_radius: float | None = None
             ) -> _base.BilevelSolver:
   r"""MA-SOBA: SOBA with a moving average of the hypergradient estimates.
@@ -80,17 +91,54 @@ def ma_soba(problem: Problem, *, upper_step_size: Any = 0.5,
   .. math::
 
      m_{t+1} = \beta m_t + (1 - \beta) (\nabla_x f - J v_t), \qquad
-     x_{t+1} = \Pi_X(x_t - \gamma_t m_{t+1}),
+     x_{t+1} = \Pi_X(x_t - \alpha_t m_{t+1}),
 
-  ``y`` and ``v`` as in :func:`soba`. It is BO-REP
+  ``y`` and ``v`` as in :func:`soba`, every oracle at
+  :math:`(x_t, y_t, v_t)`, ``m_0 = 0``. It is BO-REP
   (:func:`bilevel.solvers.borep`) without normalization, refinement and
   periodic lower updates: its natural ablation. The analysis projects ``v``
   onto a ball (``linear_radius``).
 
+  **Parametrisation.** The paper weights the *new* estimate,
+  :math:`h_{t+1} = (1 - \theta_t) h_t + \theta_t D_x^t`; ``momentum`` weights
+  the *old* average: :math:`\beta = 1 - \theta`. Here the step uses the
+  average that already contains the current estimate (``optax.ema``, then
+  the step); whether the paper's step uses the average before or after the
+  current estimate is mixed in (a shift of one iteration) was not checked
+  against its text. As we read its main theorem (not checked against the
+  PDF here), every step is a constant multiple of the upper one,
+  :math:`\theta_t = c_\theta \alpha_t` and likewise for the lower and
+  linear-system steps, all of order :math:`1/\sqrt{K}` over ``K``
+  iterations: the average must adapt at the pace ``x`` moves.
+
+  **Defaults** :math:`\alpha = 0.4`, :math:`\beta = 0.2`, i.e.
+  :math:`\theta = 0.8 = 2 \alpha`, below the lower and linear-system steps
+  (0.5). The earlier defaults (:math:`\alpha = 0.5`, :math:`\beta = 0.9`,
+  :math:`\theta = \alpha / 5`) diverge on strongly coupled problems. Written
+  in ``x`` alone, the step is a heavy ball,
+  :math:`x_{t+1} - x_t = \beta (x_t - x_{t-1}) - \alpha (1 - \beta) h_t`,
+  that oscillates with little damping when :math:`\beta` is close to 1,
+  and :math:`h_t` sees ``x`` only through ``y`` and ``v``, which lag it by
+  about :math:`1 / (\rho \mu)` iterations each; that lag turns the
+  oscillation unstable. On quadratics the step is affine in
+  :math:`(x, y, v, m)`: on ``quadratic(2.0)`` of ``tests/conformance``
+  (lower condition number 2, :math:`\Phi` 0.9-smooth) the spectral radius of
+  its linear part is 1.024 with the earlier defaults (a factor of
+  :math:`10^{51}` in 5000 steps) and 0.979 with these. In 5000 steps from
+  ``x = 0`` these reach :math:`x^*` to a relative error of 7e-16 on
+  ``quadratic(2.0)`` and 2e-7 on ``quadratic(100.0)`` (the rate of the
+  slow lower directions); with minibatches of 32 of 256 samples they stop
+  at the noise floor of constant steps, 6e-3 and 2e-4 (SOBA at step 0.5:
+  8e-3 and 2e-4). Stronger averaging (smaller :math:`\theta`) needs a
+  proportionally smaller :math:`\alpha`, e.g. ``upper_step_size=0.1,
+  momentum=0.9``, which converges on ``quadratic(2.0)`` but is far slower
+  on ``quadratic(100.0)``.
+
   Args:
     problem: the bilevel problem (lower level strongly convex in ``y``).
-    upper_step_size: :math:`\gamma`, a float or an optax schedule.
-    momentum: :math:`\beta \in [0, 1)`.
+    upper_step_size: :math:`\alpha`, a float or an optax schedule.
+    momentum: :math:`\beta = 1 - \theta \in [0, 1)`, the weight of the old
+      average (0: SOBA).
     lower_optimizer: optax optimizer, step size or schedule for ``y``.
     linear_optimizer: same for ``v``.
     linear_radius: radius of the ball of ``v`` (``None``: no projection).
@@ -100,8 +148,9 @@ def ma_soba(problem: Problem, *, upper_step_size: Any = 0.5,
     ``1 Gf + 1 Gg + 1 HVP + 1 JVP``.
 
   References:
-    Chen, Xu & Zhang, "Optimal algorithms for stochastic bilevel optimization
-    under relaxed smoothness conditions", arXiv 2306.12067, 2023.
+    Chen, Xiao & Balasubramanian, "Optimal algorithms for stochastic bilevel
+    optimization under relaxed smoothness conditions", Journal of Machine
+    Learning Research 25(151):1-51, 2024; arXiv 2306.12067.
   """
   check_step_size("upper_step_size", upper_step_size)
   check_in_interval("momentum", momentum, 0.0, 1.0)
