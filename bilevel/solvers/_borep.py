@@ -25,27 +25,61 @@ one stochastic step per iteration on :math:`\tfrac12 z^\top H z -
 with :math:`H_t = \nabla^2_{yy} g`, :math:`J_t = \nabla^2_{xy} g` at
 :math:`(x_t, y_t)`; ``H z``, ``J z`` and :math:`\nabla_y g` come from one
 ``jax.vjp`` on one lower batch, :math:`\nabla_x f` and :math:`\nabla_y f`
-from one backward pass on one upper batch. (The paper's analysis draws
-independent samples for each oracle; sharing the batch halves the cost and
-leaves every estimate unbiased.) Sign convention as everywhere in this
-library: :math:`z \approx +H^{-1} \nabla_y f`.
+from one backward pass on one upper batch. The estimate :math:`h_t` uses
+:math:`z_t`, the ``z`` of the HVP, before its update. Sign convention as
+everywhere in this library: :math:`z \approx +H^{-1} \nabla_y f`.
 
-Where the official code departs from the paper, we follow the paper:
+**Against the official code and the paper.** The code is that of
+https://github.com/MingruiLiu-ML-Lab/Bilevel-Optimization-under-Unbounded-Smoothness
+(commit 1b06bcf; ``bo_rep.py`` of ``data_cleaning``, ``hyperparam_opt``
+and ``meta_learning``), read line by line. The paper's Algorithm 1 could not
+be read here: what is said of the paper is our reading of it, not checked
+against its text. Where the two differ we follow the paper, except where
+said:
 
-* its periodic lower update calls ``backward`` N times without zeroing the
-  gradients, so the k-th step uses the sum of the k gradients so far (a
-  growing effective step); here each step is a plain optimizer step;
-* it has no separate initialization refinement (the first period stands in
-  for it); here ``init`` runs ``num_refine_steps`` lower steps at ``x_0``;
-* it initialises ``z`` at random (Xavier) and never projects it; here
-  ``z_0 = 0`` and ``linear_radius`` projects it when given;
-* its data-cleaning script computes the HVP before the lower update and the
-  upper gradient after it, and the other scripts the other way round; here
-  every oracle of iteration ``t`` is evaluated at :math:`(x_t, y_t)`, after
-  the lower update, as in the paper;
-* its problems use an unsquared L2 penalty (neither smooth nor strongly
-  convex at 0) and re-draw label noise at every access; the problems of
-  ``problems.rnn`` square the norm and draw the noise once per seed.
+* **Order of the z update and the hypergradient.** The code updates ``z``
+  first and builds the cross term with the *updated* :math:`z_{t+1}`, in all
+  three scripts. The paper's estimate uses :math:`z_t`, as here.
+* **Lower update at t = 0.** The code runs its periodic update whenever
+  ``step % I == 0``, step 0 included (the first update stands in for the
+  refinement), and its ``step`` restarts at 0 at every epoch (data
+  cleaning) or meta-batch (the other two, where it counts the tasks of the
+  batch), so an update also fires at each restart whatever the period. The
+  paper refines :math:`y_0` at :math:`x_0` and then updates ``y`` at the
+  multiples of ``I`` after 0; here ``init`` runs ``num_refine_steps`` lower
+  steps at :math:`x_0` and ``step`` updates ``y`` when :math:`t \ge 1` and
+  :math:`t \bmod I = 0`.
+* **Batch of the cross term.** The paper draws independent samples for
+  each oracle (the cross term's apart from the HVP's). The code uses a third
+  training batch, apart from the HVP's and the upper one (data cleaning), or
+  the upper (query) batch, i.e. ``g`` on the upper level's data (the other
+  two). Here it follows neither: the cross term, the HVP and
+  :math:`\nabla_y g` share one lower batch, from one ``jax.vjp`` instead
+  of two, and :math:`\nabla_x f`, :math:`\nabla_y f` one upper batch. Each
+  estimate stays unbiased; the cross term and the ``z`` update of one step
+  are correlated.
+* **Point of the HVP.** The data-cleaning script computes the HVP before
+  the lower update and the upper gradient after it, the other two scripts
+  everything after it; here every oracle of iteration ``t`` is evaluated at
+  :math:`(x_t, y_t)`, after the lower update, as in the paper.
+* **The lower update.** The code calls ``backward`` N times without zeroing
+  the gradients, so the k-th step uses the sum of the k gradients so far (a
+  growing effective step); data cleaning also takes one more step first,
+  with the gradient of the HVP's batch (N + 1 steps). Here each of the N
+  steps is a plain optimizer step on a fresh lower batch.
+* **Refinement.** The code has none (its first periodic update stands in);
+  here ``init`` runs ``num_refine_steps`` lower steps at :math:`x_0`.
+* **z.** The code initialises ``z`` at random (Xavier) and never projects
+  it; here :math:`z_0 = 0` and ``linear_radius`` projects it when given.
+* **Meta-batches.** The hyper-representation script moves ``x`` once per
+  meta-batch, along the mean over its tasks of the momentum after each
+  task; here every step is one iteration of the algorithm above, on one
+  upper and one lower batch.
+* **Problems.** The code's problems use an unsquared L2 penalty (neither
+  smooth nor strongly convex at 0), re-draw the label noise at every access,
+  and compute data cleaning's upper loss on a training (noisy) batch; the
+  problems of ``problems.rnn`` square the norm, draw the noise once per seed
+  and use a clean validation split.
 
 The refinement of the paper's analysis is an epoch-based SGD (step halved,
 epoch length doubled); pass such a schedule as ``refine_optimizer`` (e.g.
@@ -55,7 +89,7 @@ the analysis; it is off by default because the radius is problem dependent.
 
 References:
   Hao, Gong & Liu, "Bilevel optimization under unbounded smoothness: a new
-  algorithm and convergence analysis", ICLR 2024.
+  algorithm and convergence analysis", ICLR 2024; arXiv 2401.09587.
 """
 
 from __future__ import annotations
