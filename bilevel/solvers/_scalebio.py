@@ -38,7 +38,10 @@ of ``g`` at ``w`` gives both :math:`\nabla_w L_2` and :math:`\nabla_\lambda
 L_2` (likewise at ``u``): a step costs ``1 Gf + 2 Gg``, no second
 derivatives, and two copies of the model.
 
-**Against the official code** (``../shared/research/algorithms.md`` §4.6):
+**Against the official code** (``python/minmax.py`` of
+https://github.com/2003pro/ScaleBiO, commit 8ddf5c2, and
+``math/dev_scalebio/python/minmax.py`` of
+https://github.com/research4pan/scalebio, commit b9ccce8):
 
 - the code updates :math:`u` with a ``maximize=True`` optimizer on
   :math:`-\alpha L_2(u)`, i.e. by *descent* on :math:`\alpha L_2(u)`: here

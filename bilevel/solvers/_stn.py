@@ -51,9 +51,11 @@ detaches dropout rates; a floor has no gradient anyway).
 backward pass of the hypernetwork; no second derivatives), about twice a
 plain network's cost per pass with the structured layers.
 
-**Defaults** are the paper's CNN settings (official code,
-``../shared/research/algorithms.md`` §5.4): :math:`\phi` by SGD 0.01 with
-momentum 0.9, :math:`\tilde\lambda` and :math:`\rho` by Adam 3e-3,
+**Defaults** are the paper's CNN settings (the argparse defaults of
+``cnn/hypertrain.py`` and the command of the README in the official code,
+https://github.com/asteroidhouse/self-tuning-networks, commit 3c42049):
+:math:`\phi` by SGD 0.01 with momentum 0.9, :math:`\tilde\lambda` and
+:math:`\rho` by Adam 3e-3,
 :math:`T_{\text{train}} = 2`, :math:`T_{\text{val}} = 1`, a warm-up of 5
 epochs of the training data, :math:`\tau = 10^{-3}` (the code's README
 setting with tuned scales; its argparse default 1e-5 is for fixed scales),
@@ -61,7 +63,9 @@ setting with tuned scales; its argparse default 1e-5 is for fixed scales),
 decay on a validation plateau is left to the caller (an optax schedule or
 ``optax.contrib.reduce_on_plateau`` in ``lower_optimizer``).
 
-**Against the official code** (``../shared/research/algorithms.md`` §5.7):
+**Against the official code** (the same repository: ``cnn/hypertrain.py``,
+``cnn/hypermodels``, ``cnn/util/hyperparameter.py``,
+``cnn/datasets/loaders.py``):
 the validation phase perturbs its rows only when it tunes :math:`\sigma`
 (as the code; the paper's text leaves it open); every regularizer,
 augmentation included, is applied inside the compiled step at that step's
