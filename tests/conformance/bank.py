@@ -12,11 +12,14 @@ solvers' own test problems are used) and has a closed-form solution
 the optimistic one (the ``y`` of the solution set that is best for ``f``)
 where the lower level has several minimisers. Where they are known, the
 entries also carry ``lower_solution(x)`` (that ``y^*(x)``) and
-``hypergradient(x)`` (:math:`\nabla\Phi(x)`) in NumPy float64; the tests
-check them against finite differences of :math:`\Phi`, against the lower
-problem solved numerically, and ``x*`` against a brute-force minimisation of
-the closed-form :math:`\Phi` with scipy (``tests/test_conformance.py``,
-``test_bank_closed_forms``).
+``hypergradient(x)`` (:math:`\nabla\Phi(x)`) in NumPy float64.
+``tests/test_conformance.py`` checks every closed form: the hypergradient
+against central differences of :math:`\Phi(x) = f(x, y^*(x))` (the
+problem's own ``f``), ``y^*(x)`` against the first-order conditions of the
+lower problem (and of the optimistic selection), :math:`\nabla\Phi(x^*) =
+0`, and ``x*`` against a brute-force minimisation of the closed-form
+:math:`\Phi` with scipy from 20 random starts
+(``test_bank_x_star_is_the_global_minimiser``).
 
 The bank is what the solver registry (:mod:`bilevel.solvers._registry`) is
 measured on: ``tests/conformance/measure.py`` runs every solver with its
@@ -86,21 +89,6 @@ def relative_error(x: PyTree, x_star: PyTree) -> float:
   r""":math:`\|x - x^*\| / \|x^*\|` over all leaves, in float64."""
   error = flat(x) - flat(x_star)
   return float(np.linalg.norm(error) / np.linalg.norm(flat(x_star)))
-
-
-def value(entry: BankProblem, x: PyTree) -> float:
-  r""":math:`\Phi(x) = f(x, y^*(x))` on the full data, from the closed form.
-
-  Every objective of the bank with data is a mean over its batch, so the
-  whole upper dataset as one batch gives the full-data value.
-  """
-  if entry.lower_solution is None:
-    raise ValueError(f"{entry.name} has no closed-form lower solution.")
-  y = entry.lower_solution(x)
-  batch = None if entry.data is None else entry.data.upper
-  to_jax = lambda a: jnp.asarray(a, jnp.float64)
-  return float(entry.problem.upper(jax.tree.map(to_jax, x),
-                                   jax.tree.map(to_jax, y), batch))
 
 
 def _vector(values, dtype=jnp.float64) -> jax.Array:
@@ -180,7 +168,8 @@ def box() -> BankProblem:
   active); the second is minimal inside :math:`[0, 1]` where
   :math:`x - 0.5 + 0.1 x = 0`, :math:`x_2 = 0.5/1.1`; the third increases on
   :math:`[0, \infty)` and is minimal at :math:`x_3 = s_3 = -2` (``y = 0``,
-  lower bound active). Checked by scipy (test_bank_closed_forms).
+  lower bound active). Checked by scipy
+  (test_bank_x_star_is_the_global_minimiser).
   """
   def lower(x, y, batch):
     del batch
@@ -265,7 +254,7 @@ def simplex() -> BankProblem:
   :math:`x^* = (1.15, 0.5, -0.55)/1.1 = (1.04545, 0.45455, -0.5)`, where
   :math:`\tau = 0.25 > x_3` and :math:`y^* = (0.79545, 0.20455, 0)`: inside
   the region. scipy's minimisation of the closed-form :math:`\Phi` from
-  many starts finds no lower value (test_bank_closed_forms).
+  many starts finds no lower value (test_bank_x_star_is_the_global_minimiser).
   """
   d = 0.5 * np.array([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
   e = np.array([0.5, 0.5, 0.0])
@@ -348,7 +337,7 @@ def ball() -> BankProblem:
   :math:`r = 0.5`, and sets :math:`s = x^* + J(x^*)(y^*(x^*) - t)/r`, which
   makes :math:`\nabla\Phi(x^*) = 0` exactly. That :math:`x^*` is the
   global minimiser is checked by scipy from many starts
-  (test_bank_closed_forms).
+  (test_bank_x_star_is_the_global_minimiser).
   """
   s = _ball_s()
 
