@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 import bilevel
 import problems
+from conformance.quadratics import quadratic
 
 
 def _relative_error(x, x_star):
@@ -393,9 +395,11 @@ class TestPenaltyMomentum:
     instance = problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
                                   condition_number=10.0, num_samples=256,
                                   batch_size=16)
-    problem, data, weight, a = instance.problem, instance.data, 7.0, 0.25
+    problem, data, a = instance.problem, instance.data, 0.25
+    weights = {0: 7.0, 1: 11.0}  # the penalty changes between the steps
     solver = bilevel.solvers.penalty_momentum(
-        problem, upper_optimizer=0.1, lower_optimizer=0.3, penalty=weight,
+        problem, upper_optimizer=0.1, lower_optimizer=0.3,
+        penalty=lambda k: jnp.where(k == 0, weights[0], weights[1]),
         momentum=a)
     state0 = solver.init(instance.x0, instance.y0 + 0.1,
                          key=jax.random.key(2), data=data)
@@ -404,23 +408,109 @@ class TestPenaltyMomentum:
     upper_batch, sampler = _data.sample(state1.sampler, data, "upper")
     lower_batch, _ = _data.sample(sampler, data, "lower")
 
-    def directions(x, y, z):
+    def oracles(x, y, z):
       fx, fy = jax.grad(problem.upper, (0, 1))(x, y, upper_batch)
       gx_y, gy_y = jax.grad(problem.lower, (0, 1))(x, y, lower_batch)
       gx_z, gy_z = jax.grad(problem.lower, (0, 1))(x, z, lower_batch)
-      return fx + weight * (gx_y - gx_z), fy / weight + gy_y, gy_z
+      return fx, gx_y, gx_z, fy, gy_y, gy_z
 
-    now = directions(state1.x, state1.y, state1.z)
-    before = directions(state0.x, state0.y, state0.z)
-    for got, d, old, prev in zip(state2.estimates, now, state1.estimates,
-                                 before):
-      np.testing.assert_allclose(got, d + (1 - a) * (old - prev),
-                                 rtol=1e-10, atol=1e-12)
-    # ... and the correction is not zero (the sample changed).
+    now = oracles(state1.x, state1.y, state1.z)
+    before = oracles(state0.x, state0.y, state0.z)
+    expected = [d + (1 - a) * (old - prev) for d, old, prev in zip(
+        now, state1.estimates, before)]
+    for got, want in zip(state2.estimates, expected):
+      np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # ... the correction is not zero (the sample changed) ...
     assert max(float(jnp.max(jnp.abs(old - prev))) for old, prev in zip(
         state1.estimates, before)) > 1e-6
-    np.testing.assert_allclose(
-        state2.x, state1.x - 0.1 * state2.estimates[0], rtol=1e-12)
+    # ... and the steps combine the estimates with the step's penalty.
+    fx, gx_y, gx_z, fy, gy_y, gy_z = expected
+    lam = weights[1]
+    np.testing.assert_allclose(state2.x, state1.x - 0.1 * (
+        fx + lam * (gx_y - gx_z)), rtol=1e-12)
+    np.testing.assert_allclose(state2.y, state1.y - 0.3 * (
+        fy / lam + gy_y), rtol=1e-12)
+    np.testing.assert_allclose(state2.z, state1.z - 0.3 * gy_z, rtol=1e-12)
+
+  def test_exact_directions_while_the_penalty_grows(self):
+    # Deterministic oracles: every STORM estimate is the exact gradient, so
+    # the directions are the exact ones for the current lambda, even as
+    # lambda grows from 1 to 100 over 200 steps. (One estimate of the
+    # combined directions lagged by 7% at step 10 and 25% at step 199.)
+    q = quadratic(10.0, dim_x=10, dim_y=8)
+    problem = q.problem
+    schedule = bilevel.solvers.penalty_schedule(1.0, 100.0, 200)
+    upper_step, lower_step = 0.1, 0.5
+    solver = bilevel.solvers.penalty_momentum(
+        problem, upper_optimizer=upper_step, lower_optimizer=lower_step,
+        penalty=schedule, momentum=0.1)
+    step = jax.jit(solver.step)
+    state = solver.init(jnp.asarray(q.x0), jnp.asarray(q.y0))
+    checked = []
+    for k in range(200):
+      new_state, info = step(state)
+      if k in (10, 199):
+        x, y, z = state.x, state.y, state.z
+        lam = schedule(k)
+        np.testing.assert_allclose(info.penalty, lam, rtol=1e-15)
+        fx, fy = jax.grad(problem.upper, (0, 1))(x, y, None)
+        gx_y, gy_y = jax.grad(problem.lower, (0, 1))(x, y, None)
+        gx_z, gy_z = jax.grad(problem.lower, (0, 1))(x, z, None)
+        exact = (fx + lam * (gx_y - gx_z), fy / lam + gy_y, gy_z)
+        # The directions the steps took, read off the iterates ...
+        used = ((x - new_state.x) / upper_step,
+                (y - new_state.y) / lower_step,
+                (z - new_state.z) / lower_step)
+        # ... and the solver's own combination of its estimates.
+        combined = bilevel.solvers._penalty.penalty_directions(
+            new_state.estimates, lam)
+        for want, got, mine in zip(exact, used, combined):
+          scale = float(jnp.linalg.norm(want))
+          assert float(jnp.linalg.norm(got - want)) < 1e-12 * max(scale, 1)
+          assert float(jnp.linalg.norm(mine - want)) < 1e-12 * max(scale, 1)
+          assert scale > 1e-3  # not trivially zero
+        checked.append(k)
+      state = new_state
+    assert checked == [10, 199]
+    assert float(schedule(199)) > 90.0
+
+  def test_checkpointed_run_resumes_bit_identically(self, tmp_path):
+    instance = problems.quadratic(jax.random.key(0), dim_x=5, dim_y=4,
+                                  num_samples=64, batch_size=8)
+    solver = bilevel.solvers.penalty_momentum(
+        instance.problem, penalty=bilevel.solvers.penalty_schedule(
+            1.0, 100.0, 20))
+
+    def run(num_steps, **kwargs):
+      return bilevel.run(solver, instance.x0, instance.y0, instance.data,
+                         num_steps=num_steps, key=jax.random.key(3),
+                         steps_per_chunk=5, **kwargs)
+
+    whole = run(30)
+    run(15, checkpoint_dir=tmp_path)
+    resumed = run(30, checkpoint_dir=tmp_path)
+    chex.assert_trees_all_equal(resumed.state, whole.state)
+    chex.assert_trees_all_equal(resumed.history, whole.history)
+    assert isinstance(resumed.state.estimates,
+                      bilevel.solvers._penalty.PenaltyOracles)
+
+  def test_vmap_over_momentum_matches_separate_runs(self):
+    instance = problems.quadratic(jax.random.key(0), dim_x=5, dim_y=4,
+                                  num_samples=64, batch_size=8)
+
+    def final_x(momentum):
+      solver = bilevel.solvers.penalty_momentum(
+          instance.problem, momentum=momentum,
+          penalty=bilevel.solvers.penalty_schedule(1.0, 100.0, 20))
+      return bilevel.run(solver, instance.x0, instance.y0, instance.data,
+                         num_steps=40, key=jax.random.key(3)).x
+
+    momenta = jnp.array([0.1, 1.0])
+    batched = jax.jit(jax.vmap(final_x))(momenta)
+    for i, momentum in enumerate([0.1, 1.0]):
+      np.testing.assert_allclose(batched[i], final_x(momentum), rtol=1e-12,
+                                 atol=1e-14)
+    assert float(jnp.max(jnp.abs(batched[0] - batched[1]))) > 1e-6
 
   def test_box_iterates_feasible(self):
     instance = problems.box_constrained(jax.random.key(0))
