@@ -17,10 +17,43 @@ back-propagation across upper steps), and the lower optimizer's state is
 fresh at every unroll so that the unrolled map is the same function of ``x``
 at every step.
 
+**Bias.** :math:`h_t` is the derivative of the ``K``-step map, not of its
+limit. With plain steps of size :math:`\eta` on a lower level of Hessian
+:math:`H`, :math:`\partial y^{(K)} / \partial x` carries the factor
+:math:`I - (I - \eta H)^K` in front of the implicit derivative, so the part
+of the hypergradient along a lower curvature :math:`\mu` is shrunk by
+:math:`(1 - \eta \mu)^K`, and the iterates converge to the zero of this
+truncated hypergradient instead of :math:`x^*` (Shaban et al., 2019;
+Grazzi et al., 2020). Warm starts do not remove it: they bring ``y`` to
+:math:`y^*(x)`, not the derivative to :math:`dy^*/dx`. No fixed ``K`` suits
+every :math:`\mu`; the rule is
+
+.. math:: K \ge \frac{\log(1/\epsilon)}{-\log(1 - \eta \mu)}
+   \approx \frac{\log(1/\epsilon)}{\eta \mu}.
+
+On the quadratics of ``tests/conformance/quadratics.py`` (``x`` in
+:math:`R^{50}`, ``y`` in :math:`R^{40}`, lower level 1-smooth and
+:math:`\mu = 1/\kappa`-strongly convex), the defaults (``K = 20``,
+:math:`\eta = 0.5`) stop after 5000 steps at relative error
+:math:`\|x - x^*\| / \|x^*\|` = 7.6e-4 for :math:`\kappa = 2` and 0.53 for
+:math:`\kappa = 100`, exactly the zeros of the truncated hypergradient;
+with minibatches of 32 the bias is the same (the last iterate adds a noise
+floor, 8.5e-3 at :math:`\kappa = 2`, that the average of the last 2500
+iterates brings down to 9.7e-4). ``num_lower_steps`` from the rule with
+:math:`\epsilon = 10^{-6}`, 49 (:math:`\kappa = 2`) and 2757
+(:math:`\kappa = 100`), reaches 1.3e-7 and 3.0e-8 (``tests/test_defaults.py``
+checks the bias of the defaults against the closed form and the rule).
+Time and memory grow linearly in ``K``: for ill-conditioned lower levels,
+:func:`bilevel.solvers.aid` (conjugate gradients) reaches :math:`x^*` at a
+fraction of the cost.
+
 References:
   Maclaurin, Duvenaud & Adams, "Gradient-based hyperparameter optimization
   through reversible learning", ICML 2015. Franceschi et al., "Forward and
-  reverse gradient-based hyperparameter optimization", ICML 2017.
+  reverse gradient-based hyperparameter optimization", ICML 2017. Shaban,
+  Cheng, Hatch & Boots, "Truncated back-propagation for bilevel
+  optimization", AISTATS 2019. Grazzi, Franceschi, Pontil & Salzo, "On the
+  iteration complexity of hypergradient computation", ICML 2020.
 """
 
 from __future__ import annotations
@@ -48,7 +81,7 @@ class ITDState(NamedTuple):
 def itd(problem: Problem, *, upper_optimizer: Any = 1.0,
         lower_optimizer: Any = 0.5, num_lower_steps: int = 20
         ) -> _base.BilevelSolver:
-  """Unrolled differentiation (ITD) with warm-started lower iterates.
+  r"""Unrolled differentiation (ITD) with warm-started lower iterates.
 
   Args:
     problem: the bilevel problem.
@@ -56,7 +89,10 @@ def itd(problem: Problem, *, upper_optimizer: Any = 1.0,
     lower_optimizer: optax optimizer, step size or schedule for the unrolled
       lower steps (differentiated through).
     num_lower_steps: unrolled steps per upper step, ``K``; memory grows
-      linearly with it.
+      linearly with it. The hypergradient is biased by about
+      :math:`(1 - \eta \mu)^K` (see the module docstring): take
+      :math:`K \ge \log(1/\epsilon) / (\eta \mu)` for accuracy
+      :math:`\epsilon` on a :math:`\mu`-strongly convex lower level.
 
   Returns:
     A :class:`bilevel.BilevelSolver`; one step costs ``1 Gf + K Gg`` forward
