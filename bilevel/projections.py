@@ -7,6 +7,9 @@ builders:
 
 * :func:`affine`: :math:`\{v : M v = r\}`, exact, one matrix-vector product
   (the pseudo-inverse is formed once, at construction);
+* :func:`orthogonal_halfspaces`: :math:`\{v : G v \le h,\ M v = r\}` when
+  the rows of :math:`G` are orthogonal to each other and to those of
+  :math:`M`, exact;
 * :func:`polyhedron`: :math:`\{v : G v \le h,\ M v = r\}`, a quadratic
   program solved inside JAX by ADMM (jaxopt's ``BoxOSQP``): it compiles into
   the solver's step, runs on any device and under ``vmap``, and never calls
@@ -75,6 +78,71 @@ def affine(matrix, offset=None) -> FlatProjection:
     m = jnp.asarray(matrix, v.dtype)
     return v - jnp.asarray(pinv, v.dtype) @ (m @ v - jnp.asarray(offset,
                                                                  v.dtype))
+
+  return project
+
+
+def orthogonal_halfspaces(inequality_matrix, inequality_bound,
+                          equality_matrix=None, equality_bound=None, *,
+                          rtol: float = 1e-10) -> FlatProjection:
+  r"""The exact projection onto halfspaces with orthogonal normals.
+
+  For :math:`\{v : G v \le h,\ M v = r\}` whose rows :math:`g_i` of
+  :math:`G` are orthogonal to each other and to the rows of :math:`M`:
+
+  .. math:: \Pi(v) = w - \sum_i \frac{[g_i^\top w - h_i]_+}{\|g_i\|^2}\, g_i,
+     \qquad w = v - M^+ (M v - r).
+
+  Each correction moves along one :math:`g_i`, which changes neither
+  :math:`M v` nor :math:`g_j^\top v` for :math:`j \ne i`, and the result
+  satisfies the projection's optimality conditions (multipliers
+  :math:`[g_i^\top w - h_i]_+ / \|g_i\|^2 \ge 0`). A single halfspace is
+  the case :math:`G \in \mathbb R^{1 \times n}` without :math:`M`.
+
+  Args:
+    inequality_matrix: :math:`G`, shape ``(p, n)``, orthogonal rows.
+    inequality_bound: :math:`h`, shape ``(p,)``.
+    equality_matrix: :math:`M`, shape ``(m, n)``, or ``None``.
+    equality_bound: :math:`r`, shape ``(m,)`` (default zeros).
+    rtol: the largest :math:`|g_i^\top g_j| / (\|g_i\| \|g_j\|)`
+      (:math:`i \ne j`, and likewise against :math:`M`'s rows) accepted as
+      orthogonal.
+
+  Returns:
+    ``v -> Pi(v)`` for ``v`` of shape ``(n,)``.
+
+  Raises:
+    ValueError: if the rows are not orthogonal (use :func:`polyhedron`).
+  """
+  g = _matrix("inequality_matrix", inequality_matrix)
+  h = _vector("inequality_bound", inequality_bound, g.shape[0],
+              "inequality_matrix")
+  norms = np.linalg.norm(g, axis=1)
+  if np.any(norms == 0.0):
+    raise ValueError("inequality_matrix has a zero row.")
+  unit = g / norms[:, None]
+  gram = unit @ unit.T - np.eye(len(h))
+  affine_part = None
+  if equality_matrix is not None:
+    m = _matrix("equality_matrix", equality_matrix)
+    if m.shape[1] != g.shape[1]:
+      raise ValueError(f"equality_matrix has {m.shape[1]} columns and "
+                       f"inequality_matrix {g.shape[1]}: both act on the "
+                       "same vector.")
+    m_unit = m / np.maximum(np.linalg.norm(m, axis=1), 1e-300)[:, None]
+    gram = np.concatenate([gram, unit @ m_unit.T], 1)
+    affine_part = affine(m, equality_bound)
+  if np.abs(gram).max(initial=0.0) > rtol:
+    raise ValueError(
+        "The rows of inequality_matrix are not orthogonal to each other and "
+        "to those of equality_matrix; use bilevel.projections.polyhedron.")
+  scaled = g / (norms ** 2)[:, None]
+
+  def project(v):
+    w = v if affine_part is None else affine_part(v)
+    excess = jnp.maximum(jnp.asarray(g, v.dtype) @ w
+                         - jnp.asarray(h, v.dtype), 0.0)
+    return w - excess @ jnp.asarray(scaled, v.dtype)
 
   return project
 
