@@ -54,7 +54,9 @@ def llc_toy(*, dim: int = 100, as_inequalities: bool = False,
       ``lower_equality_constraints``.
     joint_projection: also set ``project_xy`` to the projection onto
       :math:`\{\mathbf 1^\top x + \mathbf 1^\top y = 0\}`, as the official
-      code does; by default the constraint acts only through the lower level.
+      code does. Without it the problem is as written from the paper's math;
+      :func:`bilevel.solvers.lvhba` then builds the same projection from the
+      affine coupling.
     start: the initial point is ``start`` in every coordinate (the code's 10).
 
   Returns:

@@ -33,21 +33,23 @@ from jax.flatten_util import ravel_pytree
 
 import bilevel
 from bilevel import constraints, derivatives
+from bilevel.solvers._lvhba import OFFICIAL_SETTINGS
 from paper_repro._common import options
 from problems import constrained
 
 jax.config.update("jax_enable_x64", True)
 
+# The paper's iteration, on the constraints as written
+# (normalize_constraints=False): the runs of README.md. The library's
+# defaults normalise the constraints instead (see bilevel.solvers.lvhba).
 LLC_OURS = dict(step_size=0.003, saddle_step_size=0.003, z_step_size=0.1,
-                gamma1=10.0, gamma2=1.0, penalty_base=1.0, penalty_power=0.5)
-LLC_OFFICIAL = dict(step_size=0.008, z_step_size=0.02, saddle_step_size=0.01,
-                    gamma1=10.0, gamma2=10.0, penalty_base=0.025,
-                    penalty_power=0.3, multiplier_bound=1000.0)
-LLSC_OFFICIAL = dict(step_size=0.1, z_step_size=0.1, saddle_step_size=0.1,
-                     gamma1=0.1, gamma2=1.0, penalty_base=1.0,
-                     penalty_power=0.3)
+                gamma1=10.0, gamma2=1.0, penalty_base=1.0, penalty_power=0.5,
+                normalize_constraints=False)
+LLC_OFFICIAL = OFFICIAL_SETTINGS["llc"]
+LLSC_OFFICIAL = OFFICIAL_SETTINGS["llsc"]
 SVM = dict(step_size=0.01, z_step_size=0.1, saddle_step_size=0.001,
-           gamma1=1.0, gamma2=1.0, penalty_base=0.01, penalty_power=0.5)
+           gamma1=1.0, gamma2=1.0, penalty_base=0.01, penalty_power=0.5,
+           normalize_constraints=False)
 RHO = 10.0
 
 
