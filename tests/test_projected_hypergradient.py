@@ -255,7 +255,8 @@ def test_a_projection_jax_cannot_differentiate_is_refused():
                                    jnp.asarray(case["y"]))
 
 
-@pytest.mark.parametrize("name", ["aid", "amigo", "stocbio", "ttsa"])
+@pytest.mark.parametrize("name", ["aid", "amigo", "stocbio", "ttsa", "soba",
+                                  "ma_soba", "borep", "itd"])
 def test_solvers_refuse_a_projection_jax_cannot_differentiate_at_init(name):
   case = _case("box")
 

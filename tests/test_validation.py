@@ -32,6 +32,10 @@ COUNTED = ("aid", "itd", "stocbio", "amigo", "borep", "bome")
 # tests/test_solvers.py, tests/test_borep.py and tests/test_penalty.py).
 UPPER_OPTIMIZED = tuple(name for name in SOLVERS if name not in (
     "borep", "ma_soba", "f2sa", "bome", "lvhba"))
+# Solvers that differentiate through y*(x) (implicit or unrolled), and so
+# through project_y.
+IMPLICIT = ("aid", "itd", "stocbio", "soba", "amigo", "borep", "ma_soba",
+            "ttsa")
 X = jnp.zeros(3)
 Y = jnp.zeros(3)
 KEY = jax.random.key(0)
@@ -266,6 +270,13 @@ CASES = [
          lambda name: bilevel.linear_solve.neumann(step_size=-0.5,
                                                    num_terms=5),
          ValueError, "neumann step_size must be positive; got -0.5"),
+    Case("projection-not-differentiable", "init",
+         lambda name: _init(name, bilevel.Problem(
+             _upper, _lower, project_y=lambda y: jax.pure_callback(
+                 lambda a: a.clip(0.0, 1.0),
+                 jax.ShapeDtypeStruct(y.shape, y.dtype), y))),
+         ValueError, r"Problem.project_y cannot be differentiated by JAX "
+         r"\(.*\).*penalty", IMPLICIT),
     # The variables.
     Case("x-integer", "init",
          lambda name: _init(name, x=jnp.arange(3)), TypeError,

@@ -218,7 +218,8 @@ def borep(problem: Problem, *, upper_step_size: Any = 0.1,
     check_positive("linear_radius", linear_radius)
 
   def init(x, y, *, key=None, data=None) -> BOREPState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     if num_refine_steps:
       y, _, sampler, _ = _base.lower_loop(
           problem, refine_optimizer, x, y, refine_optimizer.init(y), sampler,

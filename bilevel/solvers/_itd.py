@@ -104,7 +104,8 @@ def itd(problem: Problem, *, upper_optimizer: Any = 1.0,
   check_positive_int("num_lower_steps", num_lower_steps)
 
   def init(x, y, *, key=None, data=None) -> ITDState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     return ITDState(x=x, y=y, upper_opt_state=upper_optimizer.init(x),
                     sampler=sampler,
                     num_steps=jax.numpy.zeros((), jax.numpy.int32))

@@ -126,7 +126,8 @@ class ScaleBiOInfo(NamedTuple):
     hypergradient_norm: :math:`\\|d_\\lambda\\|`.
     penalty: :math:`\\alpha_t`.
     weights: :math:`\\mathrm{softmax}(\\lambda_{t+1})` when ``x`` is a
-      vector of logits, else ``nan``.
+      vector of logits, else an empty array (a NaN there would read as a
+      divergence to ``bilevel.run``).
   """
   upper_loss: jax.Array
   lower_loss: jax.Array
@@ -140,7 +141,7 @@ class ScaleBiOInfo(NamedTuple):
 def _weights(x: PyTree, dtype) -> jax.Array:
   if isinstance(x, jax.Array) and x.ndim == 1:
     return jax.nn.softmax(x)
-  return jnp.full((), jnp.nan, dtype)
+  return jnp.zeros((0,), dtype)
 
 
 def scalebio(problem: Problem, *, upper_optimizer: Any = None,

@@ -172,7 +172,8 @@ def _soba(problem: Problem, name: str, *, upper_optimizer, lower_optimizer,
     check_positive("linear_radius", linear_radius)
 
   def init(x, y, *, key=None, data=None) -> SOBAState:
-    sampler = _base.prepare(problem, x, y, data, key)
+    sampler = _base.prepare(problem, x, y, data, key,
+                            differentiates_projection=True)
     return SOBAState(
         x=x, y=y, v=optax.tree.zeros_like(y),
         upper_opt_state=upper_optimizer.init(x),
