@@ -15,6 +15,16 @@ At step :math:`t`, with :math:`v` the linear-system variable:
 with :math:`H = \nabla^2_{yy} g(x_t, y_{t+1})`,
 :math:`J = \nabla^2_{xy} g(x_t, y_{t+1})` on one lower batch.
 
+**Accuracy.** On the quadratics of ``tests/conformance/quadratics.py`` (x in
+R^50, y in R^40, lower level 1-smooth and mu = 1/kappa strongly convex), the
+defaults reach x* to the tolerance of conjugate gradients: relative error
+4.7e-7 (kappa = 2) and 3.1e-7 (kappa = 100) after 5000 deterministic steps.
+With minibatches (256 samples, batches of 32) there is no bias, only the
+noise of constant steps: 7.6e-3 and 1.5e-3 for the last iterate, 6.5e-4 and
+8.7e-5 for the mean of the last 2500 iterates; an upper step decaying like
+1/sqrt(1 + t/100) brings the last iterate at kappa = 2 to 1.4e-3 after 20000
+steps (``tests/test_defaults.py``).
+
 References:
   Pedregosa, "Hyperparameter optimization with approximate gradient", ICML
   2016. Ji, Yang & Liang, "Bilevel optimization: convergence analysis and

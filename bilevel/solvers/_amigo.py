@@ -16,6 +16,14 @@ lower batch:
 with one upper batch for :math:`\nabla f` and one more lower batch for
 :math:`J v_{t+1}` (which also gives the residual :math:`H v - \nabla_y f`).
 
+**Accuracy.** On the quadratics of ``tests/conformance/quadratics.py`` (x in
+R^50, y in R^40, lower level 1-smooth and mu = 1/kappa strongly convex), the
+defaults reach x*: relative error 6.7e-16 (kappa = 2) and 1.5e-15 (kappa =
+100) after 5000 deterministic steps. With minibatches (batches of 32) only
+the noise of constant steps remains: 6.9e-3 and 6.3e-3 for the last iterate,
+5.0e-4 and 2.8e-4 for the mean of the last 2500 iterates
+(``tests/test_defaults.py``).
+
 References:
   Arbel & Mairal, "Amortized implicit differentiation for stochastic bilevel
   optimization", ICLR 2022.

@@ -21,6 +21,24 @@ gradients of ``f`` and Lipschitz second derivatives of ``g``, where SOBA's
 relied on higher-order smoothness of both levels, and keeps SOBA's
 optimal sample complexity.
 
+**Accuracy.** On the quadratics of ``tests/conformance/quadratics.py`` (x in
+R^50, y in R^40, lower level 1-smooth and mu = 1/kappa strongly convex),
+SOBA's defaults reach x*: relative error 6.9e-16 (kappa = 2) and 4.7e-9
+(kappa = 100) after 5000 deterministic steps. ``v`` takes one step per
+iteration and converges like (1 - rho mu)^t, so ill-conditioned lower levels
+need more steps. With minibatches (batches of 32) only the noise of constant
+steps remains: 9.1e-3 and 3.1e-4 for the last iterate, 1.5e-4 and 5.9e-6 for
+the mean of the last 2500 iterates.
+
+**Stability.** A single loop tracks a moving ``y*(x)`` with one lower step
+per upper step, so the upper step must be small against the lower
+contraction rho mu (the analysis' two time scales): on the conformance
+bank's quadratic with kappa = 10, x in R^10 and y in R^8, the default upper
+step 0.5 diverges (relative error 15 after 1000 steps, growing) while 0.1 reaches 2.3e-6 after 3000 steps, and with
+kappa = 30 on that shape even 0.1 is too large. No constant default suits
+every problem: lower ``upper_optimizer`` (or use a decreasing schedule, as
+the paper's theory) when the hyper-objective grows.
+
 References:
   Dagréou, Ablin, Vaiter & Moreau, "A framework for bilevel optimization that
   enables stochastic and global variance reduction algorithms", NeurIPS 2022.

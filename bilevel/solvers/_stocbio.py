@@ -17,6 +17,21 @@ The series is evaluated as ``Q`` Richardson steps
 is exactly the partial sum above; with fresh batches the products come in the
 reverse order, which has the same expectation.
 
+**Bias.** The series stops after Q + 1 terms: it misses (I - eta H)^(Q+1)
+H^-1 grad_y f, so the part of the hypergradient along a lower curvature mu
+is shrunk by (1 - eta mu)^(Q+1), and the iterates converge to the zero of
+that truncated hypergradient. No fixed Q suits every mu; take Q + 1 >=
+log(1/eps) / (eta mu). On the quadratics of
+``tests/conformance/quadratics.py`` (x in R^50, y in R^40, lower level
+1-smooth and mu = 1/kappa strongly convex), the defaults (Q = 10, eta = 0.5)
+stop after 5000 steps at relative error 0.013 (kappa = 2) and 0.68 (kappa =
+100), the zeros of the truncated hypergradient, with or without minibatches.
+``num_neumann_terms`` = 48 and 2756 (the rule with eps = 1e-6) reach 1.3e-7
+and 3.0e-8 in 2000 steps. Each term costs one HVP: for ill-conditioned lower
+levels conjugate gradients (:func:`aid`) are cheaper.
+``tests/test_defaults.py`` checks the bias against its closed form and the
+rule.
+
 References:
   Ji, Yang & Liang, "Bilevel optimization: convergence analysis and enhanced
   design", ICML 2021.
