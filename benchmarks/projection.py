@@ -34,7 +34,8 @@ from problems import constrained
 jax.config.update("jax_enable_x64", True)
 
 SETTINGS = dict(step_size=0.01, z_step_size=0.1, saddle_step_size=0.001,
-                gamma1=1.0, gamma2=1.0, penalty_base=0.01, penalty_power=0.5)
+                gamma1=1.0, gamma2=1.0, penalty_base=0.01, penalty_power=0.5,
+                normalize_constraints=False)
 
 
 def _per_call(fun, repeats):

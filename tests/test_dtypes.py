@@ -40,7 +40,7 @@ DEFAULTS = {"ma_soba": dict(momentum=0.5),
             "penalty": dict(upper_optimizer=1.0),
             "penalty_momentum": dict(upper_optimizer=1.0),
             "bome": dict(step_size=0.5),
-            "lvhba": dict(step_size=0.5),
+            "lvhba": dict(step_size=0.5, saddle_step_size=0.5, penalty_base=0.2),
             # With the default AdamW steps (1e-3 for the models) w and u
             # separate too slowly for x to move in 12 steps.
             "scalebio": dict(upper_optimizer=1.0, lower_optimizer=0.05)}

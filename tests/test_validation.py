@@ -270,6 +270,41 @@ CASES = [
          lambda name: bilevel.linear_solve.neumann(step_size=-0.5,
                                                    num_terms=5),
          ValueError, "neumann step_size must be positive; got -0.5"),
+    Case("lvhba-constraints-not-affine", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: jnp.sum(
+                 y ** 2, keepdims=True) + x[:1] - 1.0)).init(X, Y, key=KEY),
+         ValueError, r"bilevel.solvers.lvhba: the lower constraints "
+         r"\(Problem.lower_constraints\) are not affine in \(x, y\)",
+         ("lvhba",)),
+    Case("lvhba-constraints-overlap-projection", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: y + x - 1.0,
+             project_y=lambda y: jnp.clip(y, 0.0, 1.0))).init(X, Y, key=KEY),
+         ValueError, r"bilevel.solvers.lvhba: the problem has lower "
+         r"constraints \(Problem.lower_constraints\) on the variable that "
+         r"Problem.project_y projects", ("lvhba",)),
+    Case("lvhba-joint-projection-infeasible", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, lower_constraints=lambda x, y: y + x - 1.0,
+             project_xy=lambda x, y: (x, y))).init(X, Y, key=KEY),
+         ValueError, r"bilevel.solvers.lvhba: Problem.project_xy does not "
+         r"keep y feasible", ("lvhba",)),
+    Case("lvhba-joint-projection-outside-product", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, project_y=lambda y: jnp.clip(y, 0.0, 1.0),
+             project_xy=lambda x, y: (x, y))).init(X, Y, key=KEY),
+         ValueError, r"bilevel.solvers.lvhba: Problem.project_y moves "
+         r"points of Problem.project_xy", ("lvhba",)),
+    Case("lower-equality-constraints-inconsistent", "init",
+         lambda name: _solver(name, bilevel.Problem(
+             _upper, _lower, lower_equality_constraints=lambda x, y:
+             jnp.stack([jnp.sum(y), jnp.sum(y) - 1.0]))).init(X, Y, key=KEY),
+         ValueError, r"bilevel.solvers.lvhba: The lower equality constraints "
+         r"are affine and inconsistent", ("lvhba",)),
+    Case("lvhba-normalize-constraints-invalid", "construction",
+         lambda name: _solver(name, normalize_constraints=0.0), ValueError,
+         r"normalize_constraints must be True", ("lvhba",)),
     Case("projection-not-differentiable", "init",
          lambda name: _init(name, bilevel.Problem(
              _upper, _lower, project_y=lambda y: jax.pure_callback(

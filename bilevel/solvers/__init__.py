@@ -12,6 +12,7 @@ from bilevel.solvers._borep import (BOREPInfo, BOREPState, borep,
 from bilevel.solvers._f2sa import f2sa
 from bilevel.solvers._itd import ITDState, itd
 from bilevel.solvers._lvhba import LVHBAInfo, LVHBAState, lvhba
+from bilevel.solvers._lvhba import OFFICIAL_SETTINGS as LVHBA_OFFICIAL_SETTINGS
 from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
                                       PenaltyState, penalty, penalty_momentum,
                                       penalty_schedule)
@@ -30,6 +31,7 @@ __all__ = [
     "BOREPState",
     "ITDState",
     "LVHBAInfo",
+    "LVHBA_OFFICIAL_SETTINGS",
     "LVHBAState",
     "PenaltyInfo",
     "PenaltyMomentumState",
