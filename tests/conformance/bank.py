@@ -129,18 +129,19 @@ def strongly_convex() -> BankProblem:
 def quadratic_kappa(condition_number: float, num_steps: int) -> BankProblem:
   """The quadratic of the issue: x in R^50, y in R^40."""
   return _quadratic_entry(
-      f"quadratic_kappa{condition_number:g}", "strongly_convex",
+      f"quadratic_kappa{condition_number:g}",
+      "ill_conditioned" if condition_number >= 100 else "strongly_convex",
       quadratics.quadratic(condition_number), num_steps,
       f"kappa = {condition_number:g}, x in R^50, y in R^40. " + _QUADRATIC)
 
 
 def minibatch() -> BankProblem:
-  """The kappa = 10 quadratic as a mean over 256 noisy samples."""
+  """The kappa = 10 quadratic (x in R^50, y in R^40) as a mean over 256
+  noisy samples."""
   return _quadratic_entry(
       "quadratic_minibatch", "minibatch",
-      quadratics.quadratic(10.0, dim_x=10, dim_y=8, num_samples=256,
-                           batch_size=32), 2000,
-      "The kappa = 10 quadratic (x in R^10, y in R^8) as a mean over 256 "
+      quadratics.quadratic(10.0, num_samples=256, batch_size=32), 2000,
+      "The kappa = 10 quadratic (x in R^50, y in R^40) as a mean over 256 "
       "samples: g - y'xi_i and f + zeta_i'y, noise of mean exactly 0, so "
       "x* is that of the full problem; batches of 32 at both levels. "
       + _QUADRATIC)
@@ -568,13 +569,13 @@ def pytree() -> BankProblem:
 
 
 def float32() -> BankProblem:
-  """The kappa = 10 quadratic (x in R^10, y in R^8) in single precision.
+  """The kappa = 10 quadratic (x in R^50, y in R^40) in single precision.
 
   Every constant, ``x0`` and ``y0`` are float32; ``x*`` is the float64
   closed form, so the error includes float32 rounding (about 1e-7
   relative per operation).
   """
-  quadratic = quadratics.quadratic(10.0, dim_x=10, dim_y=8)
+  quadratic = quadratics.quadratic(10.0)
   a, b_matrix, b, c, d = (_vector(m, jnp.float32) for m in (
       quadratic.A, quadratic.B, quadratic.b, quadratic.C, quadratic.d))
   r = np.float32(quadratic.r)
@@ -590,10 +591,10 @@ def float32() -> BankProblem:
   return BankProblem(
       name="quadratic_float32", problem_class="float32",
       problem=bilevel.Problem(upper, lower), data=None,
-      x0=jnp.zeros(10, jnp.float32), y0=jnp.zeros(8, jnp.float32),
+      x0=jnp.zeros(50, jnp.float32), y0=jnp.zeros(40, jnp.float32),
       x_star=np.asarray(quadratic.x_star), num_steps=1000,
       description=(
-          "The kappa = 10 quadratic, x in R^10, y in R^8, with float32 "
+          "The kappa = 10 quadratic, x in R^50, y in R^40, with float32 "
           "constants, x0 and y0; x* the float64 closed form. "
           + _QUADRATIC),
       lower_solution=quadratic.lower_solution,
