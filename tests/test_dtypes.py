@@ -37,8 +37,11 @@ ALL_SOLVERS = SOLVERS + ("borep", "ma_soba", "ttsa", "penalty",
 # MA-SOBA's moving average (momentum 0.9) barely moves x in 12 steps, nor
 # do the penalty method's and BOME's default steps.
 DEFAULTS = {"ma_soba": dict(momentum=0.5),
-            "penalty": dict(upper_optimizer=1.0),
-            "penalty_momentum": dict(upper_optimizer=1.0),
+            # lambda multiplies the rounding of grad_x g(y) - grad_x g(z)
+            # (error ~ lambda u): at the default lambda_0 = 10 bfloat16 ends
+            # 0.11 (penalty) and 0.52 (penalty_momentum) from float64.
+            "penalty": dict(upper_optimizer=1.0, penalty=1.0),
+            "penalty_momentum": dict(upper_optimizer=1.0, penalty=1.0),
             "bome": dict(step_size=0.5),
             "lvhba": dict(step_size=0.5, saddle_step_size=0.5, penalty_base=0.2),
             # With the default AdamW steps (1e-3 for the models) w and u

@@ -16,6 +16,7 @@ from bilevel.solvers._lvhba import OFFICIAL_SETTINGS as LVHBA_OFFICIAL_SETTINGS
 from bilevel.solvers._registry import (PROBLEM_CLASSES, REGISTRY,
                                        SolverEntry, register)
 from bilevel.solvers._penalty import (PenaltyInfo, PenaltyMomentumState,
+                                      PenaltyOracles,
                                       PenaltyState, penalty, penalty_momentum,
                                       penalty_schedule)
 from bilevel.solvers._scalebio import ScaleBiOInfo, ScaleBiOState, scalebio
@@ -40,6 +41,7 @@ __all__ = [
     "LVHBAState",
     "PenaltyInfo",
     "PenaltyMomentumState",
+    "PenaltyOracles",
     "PenaltyState",
     "SOBAState",
     "STNInfo",
@@ -94,14 +96,15 @@ register(SolverEntry(
     refuses=("coupled",),
     notes=(
         "Lower level assumed strongly convex: with several lower minimisers "
-        "the iterates blow up (bank: 3e+125), undetected at construction.")))
+        "the run diverges (bank: non-finite at step 396), undetected at "
+        "construction.")))
 
 register(SolverEntry(
     "bome", bome,
-    handles={},
-    falls_short=dict(strongly_convex=0.13, ill_conditioned=0.9,
-                     nonunique=0.012, box=0.1, simplex=0.052, ball=0.32,
-                     minibatch=0.45, pytree=0.22, float32=0.35),
+    handles=dict(nonunique=0.03),
+    falls_short=dict(strongly_convex=0.13, ill_conditioned=0.9, box=0.1,
+                     simplex=0.052, ball=0.32, minibatch=0.45, pytree=0.22,
+                     float32=0.35),
     refuses=("coupled",),
     notes=(
         "Biased by its T-step truncation (1 - gamma mu)^T and by its "
@@ -148,11 +151,11 @@ register(SolverEntry(
         "log(1/eps)/(eta mu) removes it (K = 2757 reaches 3e-8 at condition "
         "100). Through project_y it differentiates the projected steps. "
         "Several lower minimisers: the unrolled iterates blow up (bank: "
-        "1e+132), undetected.")))
+        "non-finite at step 305), undetected.")))
 
 register(SolverEntry(
     "lvhba", lvhba,
-    handles=dict(nonunique=0.007, coupled=0.007),
+    handles=dict(nonunique=0.006, coupled=0.007),
     falls_short=dict(strongly_convex=0.35, ill_conditioned=0.61, box=0.31,
                      simplex=0.27, ball=0.32, minibatch=0.19, pytree=0.12,
                      float32=0.3),
@@ -173,28 +176,33 @@ register(SolverEntry(
         "Single loop: the upper step must be small against the lower "
         "contraction; the defaults diverge on the bank's 10 x 8 quadratic "
         "of condition 10 (lower upper_step_size). Several lower minimisers: "
-        "blows up (bank: 2e+79), undetected.")))
+        "ends 0.71 from x* on the bank, undetected.")))
 
 register(SolverEntry(
     "penalty", penalty,
     handles=dict(strongly_convex=0.002, ill_conditioned=0.007,
-                 nonunique=0.0002, box=0.0002, simplex=0.0001, ball=0.0002,
+                 nonunique=9e-05, box=0.0002, simplex=0.0001, ball=0.0002,
                  minibatch=0.003, pytree=0.003, float32=0.005),
     falls_short={},
     refuses=("coupled",),
     notes=(
-        "Targets the optimistic solution; its penalty schedule grows 1 -> "
-        "100 over 1000 steps, so the error is the O(1/lambda) bias at "
-        "lambda = 100.")))
+        "Targets the optimistic solution; its penalty schedule grows 10 -> "
+        "1e4 over 1000 steps, and the error is the penalty bias c/lambda, "
+        "c between 0.1/mu and 0.9/mu (a larger final lambda removes it; "
+        "keep lambda <= 1e4 in float32).")))
 
 register(SolverEntry(
     "penalty_momentum", penalty_momentum,
-    handles=dict(box=0.0003, simplex=0.0002, minibatch=0.02),
+    handles=dict(nonunique=0.002, box=0.0003, simplex=0.0002,
+                 minibatch=0.02),
     falls_short=dict(strongly_convex=0.016, ill_conditioned=0.021,
                      ball=0.011, pytree=0.016, float32=0.036),
     refuses=("coupled",),
     notes=(
-        "")))
+        "Targets the optimistic solution; the single loop pays more for a "
+        "large penalty, so its schedule stops at lambda = 1e3 (10 -> 1e3 "
+        "over 2000 steps): bias 2.4e-2 at condition 100; "
+        "penalty_schedule(10, 1e4, 5000) and 15 000 steps reach 2.4e-3.")))
 
 register(SolverEntry(
     "scalebio", scalebio,
@@ -219,7 +227,7 @@ register(SolverEntry(
         "Single loop: the upper step must be small against the lower "
         "contraction; the default 0.5 diverges on the bank's 10 x 8 "
         "quadratic of condition 10 (0.1 reaches 2e-6). Several lower "
-        "minimisers: blows up (bank: 2e+138), undetected.")))
+        "minimisers: ends 0.71 from x* on the bank, undetected.")))
 
 register(SolverEntry(
     "stn", stn,
@@ -242,8 +250,8 @@ register(SolverEntry(
     notes=(
         "Truncation bias (1 - eta mu)^(Q+1): num_neumann_terms Q + 1 >= "
         "log(1/eps)/(eta mu) removes it (2756 reaches 3e-8 at condition "
-        "100). Several lower minimisers: blows up (bank: 4e+130), "
-        "undetected.")))
+        "100). Several lower minimisers: non-finite at step 372 on the "
+        "bank, undetected.")))
 
 register(SolverEntry(
     "ttsa", ttsa,
