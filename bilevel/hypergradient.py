@@ -80,6 +80,12 @@ def implicit_hypergradient_and_info(
   for the solve and one more that gives :math:`J v` and, for free,
   :math:`H v` (hence the residual).
 
+  With ``problem.project_y`` the system is that of the projected fixed
+  point (:mod:`bilevel.derivatives`): :math:`\tilde H v = D \nabla_y f`
+  and the estimate :math:`\nabla_x f - J D v`, exact where :math:`y^*`
+  lies on the boundary of ``Y`` (active bounds of a box, a face of a
+  simplex, the sphere of a ball).
+
   Args:
     problem: the bilevel problem.
     x: upper variable.
