@@ -91,15 +91,85 @@ def constrain_batch(data: Data | None, batch: PyTree, *,
   return jax.tree.map(constrain, batch)
 
 
-def num_samples(arrays: PyTree, label: str = "dataset") -> int:
-  """The common leading size of the leaves of ``arrays``."""
-  leaves = jax.tree.leaves(arrays)
-  if not leaves:
+def _child(node: Any, key: Any) -> Any:
+  """The child of ``node`` at one pytree path entry (``None`` if unknown)."""
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  return None
+
+
+def _number_leaf_message(arrays: PyTree, label: str, root: str, path: tuple,
+                         leaf: Any) -> str:
+  """Why a Python number in a dataset is not a sample array, and the fix.
+
+  Args:
+    arrays: the dataset.
+    label: how messages call it, e.g. ``upper dataset (Data.upper)``.
+    root: the name leaf paths start from, e.g. ``Data.upper``.
+    path: the path of the first leaf that is not an array.
+    leaf: that leaf (a Python number or another non-array).
+
+  Returns:
+    The message: for a number inside a list or tuple (at any depth), that
+    the container is a pytree whose leaves are the numbers; otherwise that
+    the leaf is not an array.
+  """
+  kind = type(leaf).__name__
+  where = root + jax.tree_util.keystr(path)
+  depth = next((i for i, key in enumerate(path)
+                if isinstance(key, jax.tree_util.SequenceKey)), None)
+  if depth is None:
+    place = (f"is a Python {kind} ({leaf!r})" if not path else
+             f"holds {'an' if kind[:1] in 'aeiou' else 'a'} {kind} at {where}")
+    return (f"The {label} {place}, not an array. Every leaf of a dataset must "
+            "be an array whose leading axis indexes the samples: pass e.g. "
+            "jnp.asarray(...) of shape (num_samples, ...).")
+  container = arrays
+  for key in path[:depth]:
+    container = None if container is None else _child(container, key)
+  name = (type(container).__name__ if isinstance(container, (list, tuple))
+          else "list or tuple")
+  at = root + jax.tree_util.keystr(path[:depth])
+  place = (f"is a Python {name} of numbers" if depth == 0 else
+           f"holds a Python {name} of numbers at {at}")
+  return (f"The {label} {place} (a {kind} at {where}), not an "
+          f"array: a Python {name} is a pytree whose leaves are the numbers "
+          "themselves, scalars without a sample axis. Pass an array with a "
+          "leading sample axis instead, e.g. jnp.asarray([[...], ...]) of "
+          "shape (num_samples, ...), one row per sample.")
+
+
+def num_samples(arrays: PyTree, label: str = "dataset",
+                root: str = "data") -> int:
+  """The common leading size of the leaves of ``arrays``.
+
+  Args:
+    arrays: a dataset, a pytree of arrays with a leading sample axis.
+    label: how messages call it, e.g. ``upper dataset (Data.upper)``.
+    root: the name paths to its leaves start from, e.g. ``Data.upper``.
+
+  Raises:
+    ValueError: if ``arrays`` holds no arrays, a leaf that is not an array
+      (e.g. a Python list of numbers), a scalar, or arrays whose leading
+      sizes differ.
+  """
+  with_paths = jax.tree_util.tree_flatten_with_path(arrays)[0]
+  if not with_paths:
     raise ValueError(f"The {label} has no arrays.")
-  sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if None in sizes:
-    raise ValueError(f"Every array of the {label} needs a leading sample "
-                     "axis; found a scalar.")
+  for path, leaf in with_paths:
+    if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
+      raise ValueError(_number_leaf_message(arrays, label, root, path, leaf))
+  for path, leaf in with_paths:
+    if not jnp.ndim(leaf):
+      raise ValueError(f"Every array of the {label} needs a leading sample "
+                       "axis; found a scalar (shape ()) at "
+                       f"{root}{jax.tree_util.keystr(path)}.")
+  leaves = [leaf for _, leaf in with_paths]
+  sizes = {jnp.shape(leaf)[0] for leaf in leaves}
   if len(sizes) != 1:
     shapes = jax.tree.map(jnp.shape, arrays)
     raise ValueError(f"The arrays of the {label} disagree in length (leading "
@@ -122,7 +192,8 @@ def validate_data(data: Data | None) -> None:
         raise ValueError(f"Data.{level}_batch_size is set but Data.{level} is "
                          "None.")
       continue
-    n = num_samples(arrays, f"{level} dataset (Data.{level})")
+    n = num_samples(arrays, f"{level} dataset (Data.{level})",
+                    f"Data.{level}")
     if batch_size is None:
       continue
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Objective = Callable[[PyTree, PyTree, Any], jax.Array]
@@ -124,6 +126,58 @@ def _describe(tree: PyTree) -> str:
   return str(jax.tree.map(_describe_leaf, tree))
 
 
+def _article(word: str) -> str:
+  return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+def _number_hint(path: tuple, leaf: Any) -> str:
+  """How to turn a Python number found inside a variable into an array.
+
+  Args:
+    path: the leaf's path in the variable (not empty).
+    leaf: the leaf, not an array.
+
+  Returns:
+    A sentence starting with a space, or ``""`` when ``leaf`` is not a
+    Python number.
+  """
+  if isinstance(leaf, complex):
+    return (" The variables must be real floating-point arrays; a complex "
+            "number cannot be optimised.")
+  if not isinstance(leaf, (int, float)):
+    return ""
+  if isinstance(path[-1], jax.tree_util.SequenceKey):
+    return (" A Python list or tuple of numbers is a pytree of scalars, "
+            "not a vector: pass jnp.asarray([...]) instead.")
+  return (f" A Python {type(leaf).__name__} is not an array: pass "
+          f"jnp.asarray({float(leaf)!r}) there.")
+
+
+def _check_not_a_number(label: str, tree: PyTree) -> None:
+  """Refuses a variable that is a bare Python number, with the fix.
+
+  Args:
+    label: how messages call the variable, e.g. ``x (the upper variable)``.
+    tree: the variable.
+
+  Raises:
+    TypeError: if ``tree`` is a Python ``bool``, ``int``, ``float`` or
+      ``complex`` rather than an array.
+  """
+  if isinstance(tree, np.generic):
+    return  # a NumPy scalar is a 0-d array
+  if isinstance(tree, complex):
+    raise TypeError(f"{label} is a Python complex ({tree!r}), not an array; "
+                    "the variables must be real floating-point arrays.")
+  if not isinstance(tree, (int, float)):
+    return
+  value = float(tree)
+  raise TypeError(
+      f"{label} is a Python {type(tree).__name__} ({tree!r}), not an array. "
+      f"For a scalar variable pass jnp.asarray({value!r}); for a vector, an "
+      f"array such as jnp.asarray([...]) or jnp.full(n, {value!r}).")
+
+
 def _check_float_tree(name: str, label: str, tree: PyTree) -> None:
   """Checks that ``tree`` is a non-empty pytree of floating-point arrays.
 
@@ -132,6 +186,7 @@ def _check_float_tree(name: str, label: str, tree: PyTree) -> None:
     label: how messages call it, e.g. ``x (the upper variable)``.
     tree: the pytree.
   """
+  _check_not_a_number(label, tree)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not leaves:
     raise TypeError(f"{label} is an empty pytree ({tree!r}): a solver needs "
@@ -140,11 +195,9 @@ def _check_float_tree(name: str, label: str, tree: PyTree) -> None:
   for path, leaf in leaves:
     where = name + jax.tree_util.keystr(path)
     if not (hasattr(leaf, "dtype") and hasattr(leaf, "shape")):
-      hint = (" A Python list or tuple of numbers is a pytree of scalars, "
-              "not a vector: pass jnp.asarray([...]) instead."
-              if isinstance(leaf, (int, float, complex)) else "")
-      raise TypeError(f"{label} must be a pytree of arrays; found a "
-                      f"{type(leaf).__name__} at {where}.{hint}")
+      raise TypeError(f"{label} must be a pytree of arrays; found "
+                      f"{_article(type(leaf).__name__)} at {where}."
+                      f"{_number_hint(path, leaf)}")
     if not jnp.issubdtype(leaf.dtype, jnp.floating):
       raise TypeError(
           f"{label} must hold floating-point arrays; found dtype "
@@ -157,15 +210,44 @@ def _failure(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _scalar_leaves(name: str, tree: PyTree) -> list[str]:
+  """The paths of the 0-d leaves of ``tree``, rooted at ``name``."""
+  return [name + jax.tree_util.keystr(path) for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]
+          if jnp.ndim(leaf) == 0]
+
+
+def _scalar_hint(x: PyTree, y: PyTree) -> str:
+  """A hint for a failed call when a variable holds 0-d arrays.
+
+  A NumPy scalar such as ``np.float64(1.0)`` or ``jnp.asarray(1.0)`` is a
+  valid variable of shape ``()``; an objective written for vectors then
+  fails, and the hint says so.
+
+  Returns:
+    A sentence starting with a space, or ``""`` without 0-d leaves.
+  """
+  paths = _scalar_leaves("x", x) + _scalar_leaves("y", y)
+  if not paths:
+    return ""
+  return (f" Note: {', '.join(paths)} {'is a' if len(paths) == 1 else 'are'}"
+          f" 0-d array{'' if len(paths) == 1 else 's'} (shape ()); if the "
+          "objective expects a vector, pass an array of that length, e.g. "
+          "jnp.full(n, value) or jnp.asarray([...]).")
+
+
 def _check_objective(label: str, fun: Objective, x, y, batch) -> None:
   try:
     out = jax.eval_shape(fun, x, y, batch)
   except Exception as error:  # pylint: disable=broad-except
-    raise TypeError(
+    message = (
         f"Calling the {label}(x, y, batch) failed with x of structure "
         f"{_describe(x)}, y of structure {_describe(y)} and a batch of "
-        f"structure {_describe(batch)}: {type(error).__name__}: {error}"
-    ) from error
+        f"structure {_describe(batch)}: {type(error).__name__}: {error}")
+    hint = _scalar_hint(x, y)
+    if hint:
+      message = message.rstrip().rstrip(".") + "." + hint
+    raise TypeError(message) from error
   if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
     raise ValueError(
         f"The {label}(x, y, batch) must return a scalar; it returned "
@@ -280,3 +362,133 @@ def validate(problem: Problem, x: PyTree, y: PyTree, upper_batch=None,
                     problem.lower_equality_constraints, x, y,
                     "every entry is == 0")
   _check_joint_projection(problem.project_xy, x, y)
+
+
+def _unit_directions(key: jax.Array, tree: PyTree) -> PyTree:
+  """A random direction of norm 1 shaped like ``tree`` (leaf dtypes kept)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  draws = [jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
+           for k, leaf in zip(keys, leaves)]
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in draws))
+  return jax.tree.unflatten(treedef, [d / norm.astype(d.dtype)
+                                      for d in draws])
+
+
+def _norm(tree: PyTree) -> jax.Array:
+  """The Euclidean norm of a pytree, in float32 or wider."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(leaf, jnp.promote_types(
+      jnp.result_type(leaf), jnp.float32)))) for leaf in jax.tree.leaves(tree)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lower_derivatives(problem: Problem, x: PyTree, y: PyTree, batch,
+                       u: PyTree, v: PyTree) -> dict[str, jax.Array]:
+  """Norms of the first and second derivatives of ``g`` at ``(x, y)``.
+
+  Two Hessian-vector products of ``g`` in ``(x, y)``: along ``(u, 0)``
+  (giving ``H_xx u`` and ``H_yx u``) and along ``(0, v)`` (``H_xy v`` and
+  ``H_yy v``); the gradients come with them. Compiled once per problem and
+  shapes.
+  """
+  def gradient(x_, y_):
+    return jax.grad(problem.lower, argnums=(0, 1))(x_, y_, batch)
+
+  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  (grad_x, grad_y), (hxx_u, hyx_u) = jax.jvp(gradient, (x, y), (u, zeros(y)))
+  _, (hxy_v, hyy_v) = jax.jvp(gradient, (x, y), (zeros(x), v))
+  return {"grad_x": _norm(grad_x), "grad_y": _norm(grad_y),
+          "hxx": _norm(hxx_u), "hyy": _norm(hyy_v),
+          "cross": _norm(hyx_u) + _norm(hxy_v)}
+
+
+def _constrains_y(problem: Problem) -> bool:
+  """Whether the lower level restricts ``y`` to a set (so ``Y`` != R^n)."""
+  return problem.project_y is not None or problem.has_lower_constraints
+
+
+def check_lower_depends_on_y(problem: Problem, x: PyTree, y: PyTree,
+                             batch=None, *, seed: int = 0) -> None:
+  """Refuses a lower objective that cannot have a minimiser in ``y``.
+
+  The lower problem is ``min_y g(x, y, batch)``, with ``x`` the upper
+  variable. Objectives written in the wrong argument order (``g(y, x,
+  batch)``) typically leave ``g`` with no curvature in ``y`` and all of
+  it in ``x``; every solver then drives ``y`` off to infinity and the run
+  ends in a ``DivergenceError``. This check measures, with two
+  Hessian-vector products of ``g`` at ``(x, y)`` along random directions
+  ``u`` (in ``x``) and ``v`` (in ``y``), ``grad_y g``, ``H_yy v``, the cross
+  terms ``H_yx u``, ``H_xy v`` and ``H_xx u``. Only when ``H_yy v`` is
+  exactly zero does it repeat them at a random perturbed point (the same
+  compiled program), so that a ``g`` flat in ``y`` at one point only
+  (``y ** 4`` at ``y = 0``) passes. It raises:
+
+  - when ``g`` does not depend on ``y`` at both points (gradient in ``y``,
+    ``H_yy v`` and the cross terms all zero): every ``y`` minimises it, a
+    degenerate lower level for every solver;
+  - when ``g`` has no curvature in ``y`` at both points but has some in
+    ``x``, and ``y`` is unconstrained (no ``project_y``, no lower
+    constraints): ``g`` is then affine in ``y`` with a slope, unbounded
+    below on ``R^n``, the signature of swapped arguments.
+
+  A ``g`` linear in ``y`` on a constrained set (an LP-like lower level with
+  ``project_y`` or lower constraints) passes, and so does any ``g`` with
+  non-zero, however small, curvature in ``y``, or non-finite derivatives.
+  Skipped when an input is abstract (under ``jax.jit``, ``jax.vmap`` or
+  ``jax.eval_shape``).
+
+  Args:
+    problem: the problem.
+    x: the initial upper variable (concrete).
+    y: the initial lower variable (concrete).
+    batch: a lower batch as ``g`` receives it (``None`` without data).
+    seed: the seed of the random directions and perturbation.
+
+  Raises:
+    ValueError: in the two cases above, saying what was measured and that
+      the objectives are called ``f(x, y, batch)`` and ``g(x, y, batch)``.
+  """
+  leaves = jax.tree.leaves((x, y, batch))
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return
+  keys = jax.random.split(jax.random.key(seed), 4)
+  u = _unit_directions(keys[0], x)
+  v = _unit_directions(keys[1], y)
+  first = _lower_derivatives(problem, x, y, batch, u, v)
+  if any(isinstance(value, jax.core.Tracer) for value in first.values()):
+    return  # the problem closes over arrays of an outer transformation
+  first = jax.device_get(first)
+  if not first["hyy"] == 0.0:
+    return  # curved in y, or non-finite: not this check's business
+  x_moved = jax.tree.map(jnp.add, x, _unit_directions(keys[2], x))
+  y_moved = jax.tree.map(jnp.add, y, _unit_directions(keys[3], y))
+  second = jax.device_get(_lower_derivatives(problem, x_moved, y_moved,
+                                             batch, u, v))
+  if not second["hyy"] == 0.0:
+    return
+  points = (first, second)
+  calling = ("The objectives are called f(x, y, batch) and g(x, y, batch), "
+             "x the upper variable and y the lower one: were the arguments "
+             "swapped (g(y, x, batch))?")
+  depends_on_y = any(point["grad_y"] != 0.0 or point["cross"] != 0.0
+                     for point in points)
+  curved_in_x = max(point["hxx"] for point in points)
+  if not depends_on_y:
+    on_x = ("while it does depend on x" if curved_in_x != 0.0 or any(
+        point["grad_x"] != 0.0 for point in points) else "nor on x")
+    raise ValueError(
+        "The lower objective g(x, y, batch) does not depend on y "
+        f"{on_x}: its gradient in y and its Hessian in y and across (x, y) "
+        "are zero at the initial point and at a random point near it, so "
+        f"every y minimises it and no solver can find y*(x). {calling}")
+  if curved_in_x != 0.0 and not _constrains_y(problem):
+    raise ValueError(
+        "The lower objective g(x, y, batch) has no curvature in y (its "
+        "Hessian in y is zero at the initial point and at a random point "
+        "near it) but has curvature in x (|H_xx u| = "
+        f"{curved_in_x:.3g} for a unit u), and y is unconstrained (no "
+        "Problem.project_y): g is affine in y with a non-zero slope, "
+        "unbounded below, and the lower iterates would run off to "
+        f"infinity. {calling} If g is meant to be linear in y, constrain y "
+        "(Problem.project_y, or lower constraints with "
+        "bilevel.solvers.lvhba).")
