@@ -21,7 +21,8 @@ def test_quick_reproduction_writes_table_and_figure(tmp_path):
   assert set(run["methods"]) == {
       "STN", "grid search, equal steps", "random search, equal steps",
       "best fixed dropout (6x steps)", "no regularization",
-      "STN's final values, fixed",
+      "plain network at STN's final values",
+      "STN hypernetwork at STN's final values",
       "STN hypernetwork, start values never tuned"}
   for metrics in run["methods"].values():
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
@@ -36,4 +37,12 @@ def test_quick_reproduction_writes_table_and_figure(tmp_path):
   schedule = run["schedule"]
   assert schedule["dropout0"][-1] != schedule["dropout0"][0]
   assert schedule["l2"][-1] != schedule["l2"][0]
+  # Both controls at the end point train at STN's final values, and the
+  # hypernetwork's control keeps STN's final perturbation scales.
+  methods = run["methods"]
+  for name in ("plain network at STN's final values",
+               "STN hypernetwork at STN's final values"):
+    assert methods[name]["config"] == methods["STN"]["config"]
+  assert len(run["final_scale"]) == len(methods["STN"]["config"])
+  assert "STN hypernetwork at STN's final values" in report
   assert (out / "summary.png").stat().st_size > 10_000

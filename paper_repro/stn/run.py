@@ -31,16 +31,32 @@ Per seed, with a budget of ``N`` STN cycles (``2N`` training steps and
 * **best fixed dropout**: the dropout grid alone (shift 0), each network
   trained as long as STN trains (``2N`` steps): 6 times STN's training
   steps. Its ``p = 0`` member is the **no regularization** row.
-* **STN's final values, fixed**: a plain network trained ``2N`` steps at
-  the hyperparameters STN ended with (is the schedule better than its end
-  point?).
-* **STN hypernetwork, start values never tuned**: STN's own model and
-  training phase (``2N`` steps, perturbed around the start values) without
-  a single hyperparameter step: what the architecture gives without the
+* **plain network at STN's final values**: a plain network trained ``2N``
+  steps at the hyperparameters STN ended with. It differs from STN in two
+  ways at once (the architecture and the schedule), so it cannot say which
+  one helps.
+* **STN hypernetwork at STN's final values**: the control that separates
+  the two. STN's own gated model, initial weights, optimizer, minibatch
+  stream and ``2N`` training steps, with STN's final upper variable
+  ``(lambda~, sigma)`` held fixed from the first step to the last: the
+  training phase still perturbs each example's hyperparameters by STN's
+  final ``sigma``, and no validation step runs. The same ``sigma`` keeps
+  the training phase identical to STN's in every respect but the moving
+  hyperparameters (the perturbation is part of what the gated model is
+  trained on, and the start-values control below also perturbs); it is
+  evaluated at the final ``lambda~`` without regularizers, as STN is.
+  (Its perturbation draws differ from STN's after the warm-up, since no
+  validation step consumes the key.) If it does as well as STN, the
+  schedule adds nothing to its own end point.
+* **STN hypernetwork, start values never tuned**: the same, at the start
+  values and ``sigma_0`` instead (STN's model and training phase without a
+  single hyperparameter step): what the architecture gives without the
   tuning.
 
 Plain networks skip the hypernetwork's half of each layer, so a step costs
 about half of an STN step; compute is counted in steps, as the issue asks.
+``--controls-only`` runs STN, the plain network and the hypernetwork at
+STN's final values, and skips the searches and the start-values control.
 
 * ``overhead``: an STN cycle (2 Gg + 1 Gf) against those oracle calls
   alone, for the digits MLP and the MNIST-1D CNN (the MLP alone with
@@ -165,7 +181,30 @@ def random_configs(dataset, rng, num):
   return configs
 
 
-def run_seed(setting, seed, num_cycles, quick, log) -> dict:
+def _frozen_solver(task):
+  """STN whose warm-up never ends: its training phase alone."""
+  return bilevel.solvers.stn(task.problem, task.space,
+                             num_warmup_steps=10 ** 9)
+
+
+def _hypernetwork_at(task, frozen, x, num_cycles, seed):
+  """STN's model trained ``2 num_cycles`` steps with ``x`` held fixed.
+
+  The training phase of ``bilevel.solvers.stn`` alone (the warm-up never
+  ends, so no validation step moves ``x``): per-example hyperparameters
+  drawn around ``x.unconstrained`` with scale ``x.scale``, the same
+  optimizer, initial weights and key as STN's run. ``frozen`` is
+  :func:`_frozen_solver` (one instance per task, so that both controls
+  share one compilation). Returns the metrics of the model at
+  ``x.unconstrained`` without regularizers.
+  """
+  result = bilevel.run(frozen, x, task.y0, task.data, num_steps=num_cycles,
+                       key=jax.random.key(seed))
+  return {k: float(v) for k, v in task.evaluate(result.x, result.y).items()}
+
+
+def run_seed(setting, seed, num_cycles, quick, log,
+             controls_only=False) -> dict:
   dataset, architecture = _split(setting)
   task = self_tuning.stn_classifier(
       dataset, architecture, seed,
@@ -178,53 +217,64 @@ def run_seed(setting, seed, num_cycles, quick, log) -> dict:
   stn = {k: float(v) for k, v in task.evaluate(result.x, result.y).items()}
   final = {k: float(v) for k, v in
            task.space.constrain(result.x.unconstrained).items()}
+  final_scale = np.asarray(result.x.scale, float).tolist()
   every = max(1, num_cycles // 150)
   schedule = {k: np.asarray(v[::every], float).tolist()
               for k, v in result.history.hyperparameters.items()}
   schedule["step"] = (2 * np.arange(1, num_cycles + 1)[::every]).tolist()
   schedule["scale"] = np.asarray(result.history.scale[::every]).tolist()
   log(f"{setting} seed {seed}: STN {stn_seconds:.1f} s, test loss "
-      f"{stn['test_loss']:.4f}, final {final}")
+      f"{stn['test_loss']:.4f}, final {final}, sigma {final_scale}")
 
-  # Control: the same hypernetwork trained as long, at hyperparameters
-  # perturbed around the start but never tuned (warm-up only).
-  frozen = bilevel.solvers.stn(task.problem, task.space,
-                               num_warmup_steps=10 ** 9)
-  frozen_result = bilevel.run(frozen, task.x0, task.y0, task.data,
-                              num_steps=num_cycles,
-                              key=jax.random.key(seed))
-  control = {k: float(v) for k, v in
-             task.evaluate(frozen_result.x, frozen_result.y).items()}
+  # Control of the schedule: the same hypernetwork and training phase with
+  # STN's final (lambda~, sigma) held fixed throughout.
+  frozen = _frozen_solver(task)
+  began = time.perf_counter()
+  at_final = _hypernetwork_at(task, frozen, result.x, num_cycles, seed)
+  control_seconds = time.perf_counter() - began
+  log(f"{setting} seed {seed}: hypernetwork at STN's final values "
+      f"{control_seconds:.1f} s, test loss {at_final['test_loss']:.4f}")
 
   train = fixed_trainer(task)
   key = jax.random.key(1000 + seed)
   keys = jax.random.split(key, 4)
-  total = 3 * num_cycles
-  short = total // 12
-  grid = [_config(dataset, dropout=p, shift=s) for p in DROPOUTS
-          for s in (0, _max_shift(dataset))]
-  randoms = random_configs(dataset, np.random.default_rng(seed),
-                           NUM_RANDOM)
-  fixed = [_config(dataset, dropout=p) for p in DROPOUTS]
   began = time.perf_counter()
-  grid_metrics = train(grid, short, keys[0])
-  random_metrics = train(randoms, short, keys[1])
-  fixed_metrics = train(fixed, 2 * num_cycles, keys[2])
   final_metrics = train([final], 2 * num_cycles, keys[3])
-  log(f"{setting} seed {seed}: baselines {time.perf_counter() - began:.1f} s")
-  methods = {
-      "STN": {**stn, "config": final},
-      "grid search, equal steps": _best(grid, grid_metrics),
-      "random search, equal steps": _best(randoms, random_metrics),
-      "best fixed dropout (6x steps)": _best(fixed, fixed_metrics),
-      "no regularization": {**fixed_metrics[0], "config": fixed[0]},
-      "STN's final values, fixed": {**final_metrics[0], "config": final},
-      "STN hypernetwork, start values never tuned": {
-          **control, "config": _config(dataset)},
-  }
-  return {"methods": methods, "schedule": schedule,
-          "stn_seconds": stn_seconds,
-          "fixed_dropout_curve": [m["val_loss"] for m in fixed_metrics]}
+  methods = {"STN": {**stn, "config": final}}
+  if not controls_only:
+    # Control of the tuning: the same hypernetwork at the start values,
+    # perturbed by sigma_0, never tuned.
+    control = _hypernetwork_at(task, frozen, task.x0, num_cycles, seed)
+    total = 3 * num_cycles
+    short = total // 12
+    grid = [_config(dataset, dropout=p, shift=s) for p in DROPOUTS
+            for s in (0, _max_shift(dataset))]
+    randoms = random_configs(dataset, np.random.default_rng(seed),
+                             NUM_RANDOM)
+    fixed = [_config(dataset, dropout=p) for p in DROPOUTS]
+    grid_metrics = train(grid, short, keys[0])
+    random_metrics = train(randoms, short, keys[1])
+    fixed_metrics = train(fixed, 2 * num_cycles, keys[2])
+    methods.update({
+        "grid search, equal steps": _best(grid, grid_metrics),
+        "random search, equal steps": _best(randoms, random_metrics),
+        "best fixed dropout (6x steps)": _best(fixed, fixed_metrics),
+        "no regularization": {**fixed_metrics[0], "config": fixed[0]}})
+  methods["plain network at STN's final values"] = {**final_metrics[0],
+                                                    "config": final}
+  methods["STN hypernetwork at STN's final values"] = {**at_final,
+                                                       "config": final}
+  if not controls_only:
+    methods["STN hypernetwork, start values never tuned"] = {
+        **control, "config": _config(dataset)}
+  log(f"{setting} seed {seed}: plain networks and the start-values "
+      f"control {time.perf_counter() - began:.1f} s")
+  out = {"methods": methods, "schedule": schedule,
+         "final_scale": final_scale, "stn_seconds": stn_seconds,
+         "control_seconds": control_seconds}
+  if not controls_only:
+    out["fixed_dropout_curve"] = [m["val_loss"] for m in fixed_metrics]
+  return out
 
 
 def overhead_setting(opts, quick) -> dict:
@@ -303,12 +353,24 @@ def _table(setting, result) -> list[str]:
                  f"{cell('test_accuracy')} | {cell('val_loss')} |")
   finals = {k: np.mean([run["methods"]["STN"]["config"][k] for run in runs])
             for k in runs[0]["methods"]["STN"]["config"]}
+  scales = np.mean([run["final_scale"] for run in runs], axis=0)
   lines += ["", "STN's final hyperparameters (mean over seeds): " + ", ".join(
-      f"{k} {v:.3g}" for k, v in finals.items()) + ".",
-            "Best fixed dropout per seed: " + ", ".join(
-                f"{run['methods']['best fixed dropout (6x steps)']['config']['dropout0']:.2f}"
-                for run in runs) + "; STN took "
-            + _mean_std([run["stn_seconds"] for run in runs], 1) + " s.", ""]
+      f"{k} {v:.3g}" for k, v in finals.items()) + "; final sigma "
+            + ", ".join(f"{v:.3g}" for v in scales) + ".",
+            "Test loss per seed: " + "; ".join(
+                f"{name} " + ", ".join(f"{run['methods'][name]['test_loss']:.4f}"
+                                       for run in runs)
+                for name in ("STN", "STN hypernetwork at STN's final values",
+                             "STN hypernetwork, start values never tuned")
+                if name in names) + "."]
+  if "best fixed dropout (6x steps)" in names:
+    lines.append("Best fixed dropout per seed: " + ", ".join(
+        f"{run['methods']['best fixed dropout (6x steps)']['config']['dropout0']:.2f}"
+        for run in runs) + ".")
+  lines += ["STN took " + _mean_std([run["stn_seconds"] for run in runs], 1)
+            + " s, its hypernetwork at the final values "
+            + _mean_std([run["control_seconds"] for run in runs], 1) + " s.",
+            ""]
   return lines
 
 
@@ -372,8 +434,12 @@ def plot(out, results):
 
 
 def main(argv=None):
-  opts = options(__doc__.split("\n")[0], "results/paper_repro_stn", SETTINGS,
-                 argv)
+  opts = options(
+      __doc__.split("\n")[0], "results/paper_repro_stn", SETTINGS, argv,
+      extra=lambda parser: parser.add_argument(
+          "--controls-only", action="store_true",
+          help="STN and its controls at the final values only (no search, "
+          "no start-values control)"))
   quick = opts.args.quick
   results = {}
   for setting in opts.settings:
@@ -383,7 +449,8 @@ def main(argv=None):
       cycles = CYCLES[setting][1 if quick else 0]
       results[setting] = {
           "cycles": cycles,
-          "runs": [run_seed(setting, seed, cycles, quick, opts.log)
+          "runs": [run_seed(setting, seed, cycles, quick, opts.log,
+                            opts.args.controls_only)
                    for seed in range(opts.seeds)]}
     else:
       raise ValueError(f"unknown setting {setting!r}; choose from "
