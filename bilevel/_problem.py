@@ -364,21 +364,54 @@ def validate(problem: Problem, x: PyTree, y: PyTree, upper_batch=None,
   _check_joint_projection(problem.project_xy, x, y)
 
 
-def _unit_directions(key: jax.Array, tree: PyTree) -> PyTree:
-  """A random direction of norm 1 shaped like ``tree`` (leaf dtypes kept)."""
+def _unit_directions(rng: np.random.Generator, tree: PyTree) -> PyTree:
+  """A random direction of norm 1 shaped like ``tree`` (leaf dtypes kept).
+
+  Drawn with NumPy on the host: ``jax.random`` would compile one sampler
+  per leaf shape, which costs more than the check itself.
+  """
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  draws = [jax.random.normal(k, jnp.shape(leaf), jnp.result_type(leaf))
-           for k, leaf in zip(keys, leaves)]
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in draws))
-  return jax.tree.unflatten(treedef, [d / norm.astype(d.dtype)
-                                      for d in draws])
+  draws = [rng.standard_normal(np.shape(leaf)) for leaf in leaves]
+  norm = np.sqrt(sum(np.sum(np.square(d)) for d in draws))
+  return jax.tree.unflatten(treedef, [
+      np.asarray(d / norm, dtype=jnp.result_type(leaf))
+      for d, leaf in zip(draws, leaves)])
 
 
 def _norm(tree: PyTree) -> jax.Array:
   """The Euclidean norm of a pytree, in float32 or wider."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(leaf, jnp.promote_types(
       jnp.result_type(leaf), jnp.float32)))) for leaf in jax.tree.leaves(tree)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lower_gradient_in_y(problem: Problem, x: PyTree, y: PyTree,
+                         batch) -> PyTree:
+  """``grad_y g(x, y, batch)``, compiled once per problem and shapes."""
+  return jax.grad(problem.lower, argnums=1)(x, y, batch)
+
+
+@jax.jit
+def _differ(a: PyTree, b: PyTree) -> jax.Array:
+  """Whether two pytrees of the same layout differ anywhere (NaN differs)."""
+  same = [jnp.all(u == w) for u, w in zip(jax.tree.leaves(a),
+                                          jax.tree.leaves(b))]
+  return ~jnp.all(jnp.stack(same))
+
+
+def _gradient_in_y_moves(problem: Problem, x: PyTree, y: PyTree, batch,
+                         v: PyTree) -> jax.Array:
+  """Whether ``grad_y g`` differs between ``y`` and ``y + v`` (or is NaN).
+
+  An affine ``g`` in ``y`` has the same gradient at both points, bit for
+  bit, since autodiff of a term linear in ``y`` does not involve ``y``'s
+  value. The gradient is compiled once (per problem and shapes) and called
+  twice.
+  """
+  before = _lower_gradient_in_y(problem, x, y, batch)
+  after = _lower_gradient_in_y(problem, x, jax.tree.map(jnp.add, y, v),
+                               batch)
+  return _differ(before, after)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -415,13 +448,15 @@ def check_lower_depends_on_y(problem: Problem, x: PyTree, y: PyTree,
   variable. Objectives written in the wrong argument order (``g(y, x,
   batch)``) typically leave ``g`` with no curvature in ``y`` and all of
   it in ``x``; every solver then drives ``y`` off to infinity and the run
-  ends in a ``DivergenceError``. This check measures, with two
-  Hessian-vector products of ``g`` at ``(x, y)`` along random directions
-  ``u`` (in ``x``) and ``v`` (in ``y``), ``grad_y g``, ``H_yy v``, the cross
-  terms ``H_yx u``, ``H_xy v`` and ``H_xx u``. Only when ``H_yy v`` is
-  exactly zero does it repeat them at a random perturbed point (the same
-  compiled program), so that a ``g`` flat in ``y`` at one point only
-  (``y ** 4`` at ``y = 0``) passes. It raises:
+  ends in a ``DivergenceError``. In the usual case this check costs two
+  gradients ``grad_y g``, at ``y`` and at ``y + v`` for a random unit
+  ``v`` (one compiled program), which differ: ``g`` is curved in ``y``
+  and passes. Only when they are equal bit for bit does it measure, with
+  Hessian-vector products along random unit directions ``u`` (in ``x``)
+  and ``v`` (in ``y``), ``grad_y g``, ``H_yy v``, the cross terms
+  ``H_yx u``, ``H_xy v`` and ``H_xx u`` at ``(x, y)``, and repeat them at
+  a random point near it when ``H_yy v`` is zero there, so that a ``g``
+  flat in ``y`` at one point only passes. It raises:
 
   - when ``g`` does not depend on ``y`` at both points (gradient in ``y``,
     ``H_yy v`` and the cross terms all zero): every ``y`` minimises it, a
@@ -451,17 +486,17 @@ def check_lower_depends_on_y(problem: Problem, x: PyTree, y: PyTree,
   leaves = jax.tree.leaves((x, y, batch))
   if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
     return
-  keys = jax.random.split(jax.random.key(seed), 4)
-  u = _unit_directions(keys[0], x)
-  v = _unit_directions(keys[1], y)
-  first = _lower_derivatives(problem, x, y, batch, u, v)
-  if any(isinstance(value, jax.core.Tracer) for value in first.values()):
-    return  # the problem closes over arrays of an outer transformation
-  first = jax.device_get(first)
+  rng = np.random.default_rng(seed)
+  u = _unit_directions(rng, x)
+  v = _unit_directions(rng, y)
+  moves = _gradient_in_y_moves(problem, x, y, batch, v)
+  if isinstance(moves, jax.core.Tracer) or bool(moves):
+    return  # curved in y, non-finite, or under an outer transformation
+  first = jax.device_get(_lower_derivatives(problem, x, y, batch, u, v))
   if not first["hyy"] == 0.0:
-    return  # curved in y, or non-finite: not this check's business
-  x_moved = jax.tree.map(jnp.add, x, _unit_directions(keys[2], x))
-  y_moved = jax.tree.map(jnp.add, y, _unit_directions(keys[3], y))
+    return
+  x_moved = jax.tree.map(jnp.add, x, _unit_directions(rng, x))
+  y_moved = jax.tree.map(jnp.add, y, _unit_directions(rng, y))
   second = jax.device_get(_lower_derivatives(problem, x_moved, y_moved,
                                              batch, u, v))
   if not second["hyy"] == 0.0:
