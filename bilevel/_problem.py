@@ -450,13 +450,13 @@ def check_lower_depends_on_y(problem: Problem, x: PyTree, y: PyTree,
   it in ``x``; every solver then drives ``y`` off to infinity and the run
   ends in a ``DivergenceError``. In the usual case this check costs two
   gradients ``grad_y g``, at ``y`` and at ``y + v`` for a random unit
-  ``v`` (one compiled program), which differ: ``g`` is curved in ``y``
-  and passes. Only when they are equal bit for bit does it measure, with
-  Hessian-vector products along random unit directions ``u`` (in ``x``)
-  and ``v`` (in ``y``), ``grad_y g``, ``H_yy v``, the cross terms
-  ``H_yx u``, ``H_xy v`` and ``H_xx u`` at ``(x, y)``, and repeat them at
-  a random point near it when ``H_yy v`` is zero there, so that a ``g``
-  flat in ``y`` at one point only passes. It raises:
+  ``v`` (one compiled gradient, called twice), which differ: ``g`` is
+  curved in ``y`` and passes. Only when they are equal bit for bit does it
+  measure, with Hessian-vector products along random unit directions
+  ``u`` (in ``x``) and ``v`` (in ``y``), ``grad_y g``, ``H_yy v``, the
+  cross terms ``H_yx u``, ``H_xy v`` and ``H_xx u`` at ``(x, y)``, and
+  repeat them at a random point near it when ``H_yy v`` is zero there, so
+  that a ``g`` flat in ``y`` at one point only passes. It raises:
 
   - when ``g`` does not depend on ``y`` at both points (gradient in ``y``,
     ``H_yy v`` and the cross terms all zero): every ``y`` minimises it, a
@@ -469,6 +469,9 @@ def check_lower_depends_on_y(problem: Problem, x: PyTree, y: PyTree,
   A ``g`` linear in ``y`` on a constrained set (an LP-like lower level with
   ``project_y`` or lower constraints) passes, and so does any ``g`` with
   non-zero, however small, curvature in ``y``, or non-finite derivatives.
+  So does a ``g`` with no curvature in ``x`` either (``-x @ y`` alone):
+  unbounded below too, it looks to two points like a piecewise-linear
+  ``g`` (``sum(abs(y - x))``) that has minimisers.
   Skipped when an input is abstract (under ``jax.jit``, ``jax.vmap`` or
   ``jax.eval_shape``).
 
