@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from bilevel import _data, derivatives, linear_solve
-from bilevel._problem import Problem, validate
+from bilevel._problem import Problem, check_lower_depends_on_y, validate
 from bilevel._validation import check_positive_int, describe_value
 from bilevel.hypergradient import lower_descent
 
@@ -204,7 +204,9 @@ def check_initial_point(problem: Problem, x: PyTree, y: PyTree,
 
   Raises:
     ValueError: naming the first non-finite leaf of ``x`` or ``y`` (by its
-      path), or the objective that is not finite, with its value.
+      path), or the objective that is not finite, with its value; or, from
+      :func:`bilevel._problem.check_lower_depends_on_y`, when ``g`` does not depend
+      on ``y`` or is affine in an unconstrained ``y`` (swapped arguments).
   """
   if not _is_concrete((x, y, data)):
     return
@@ -229,6 +231,7 @@ def check_initial_point(problem: Problem, x: PyTree, y: PyTree,
           "negative number at the initial point, or an overflow. Start from "
           "another point, or guard the expression (e.g. "
           "jnp.log(jnp.maximum(z, 1e-12))).")
+  check_lower_depends_on_y(problem, x, y, _first_batch(data, "lower"))
 
 
 def check_projection_differentiable(problem: Problem, y: PyTree) -> None:
