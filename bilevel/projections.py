@@ -47,6 +47,16 @@ def _matrix(name: str, matrix) -> np.ndarray:
   return matrix
 
 
+def _equality_matrix(matrix, columns: int) -> np.ndarray:
+  """``equality_matrix`` as a 2-D array acting on vectors of ``columns``."""
+  m = _matrix("equality_matrix", matrix)
+  if m.shape[1] != columns:
+    raise ValueError(f"equality_matrix has {m.shape[1]} columns and "
+                     f"inequality_matrix {columns}: both act on the same "
+                     "vector.")
+  return m
+
+
 def _vector(name: str, vector, rows: int, matrix_name: str) -> np.ndarray:
   vector = np.asarray(vector)
   if vector.shape != (rows,):
@@ -124,11 +134,7 @@ def orthogonal_halfspaces(inequality_matrix, inequality_bound,
   gram = unit @ unit.T - np.eye(len(h))
   affine_part = None
   if equality_matrix is not None:
-    m = _matrix("equality_matrix", equality_matrix)
-    if m.shape[1] != g.shape[1]:
-      raise ValueError(f"equality_matrix has {m.shape[1]} columns and "
-                       f"inequality_matrix {g.shape[1]}: both act on the "
-                       "same vector.")
+    m = _equality_matrix(equality_matrix, g.shape[1])
     m_unit = m / np.maximum(np.linalg.norm(m, axis=1), 1e-300)[:, None]
     gram = np.concatenate([gram, unit @ m_unit.T], 1)
     affine_part = affine(m, equality_bound)
@@ -188,11 +194,7 @@ def polyhedron(inequality_matrix, inequality_bound, equality_matrix=None,
   if (equality_matrix is None) != (equality_bound is None):
     raise ValueError("Pass equality_matrix and equality_bound together.")
   if equality_matrix is not None:
-    m = _matrix("equality_matrix", equality_matrix)
-    if m.shape[1] != g.shape[1]:
-      raise ValueError(f"equality_matrix has {m.shape[1]} columns and "
-                       f"inequality_matrix {g.shape[1]}: both act on the "
-                       "same vector.")
+    m = _equality_matrix(equality_matrix, g.shape[1])
     r = _vector("equality_bound", equality_bound, m.shape[0],
                 "equality_matrix")
     rows, lows, highs = rows + [m], lows + [r], highs + [r]

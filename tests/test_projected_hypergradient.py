@@ -241,15 +241,19 @@ def test_without_projection_nothing_changes():
     np.testing.assert_array_equal(got, want)
 
 
-def test_a_projection_jax_cannot_differentiate_is_refused():
-  case = _case("box")
-
+def _undifferentiable_box_problem(case):
+  """The box case with a projection JAX cannot differentiate (a callback)."""
   def project(y):
     return jax.pure_callback(lambda a: np.clip(a, -0.3, 0.4),
                              jax.ShapeDtypeStruct(y.shape, y.dtype), y)
 
-  problem = bilevel.Problem(case["problem"].upper, case["problem"].lower,
-                            project_y=project)
+  return bilevel.Problem(case["problem"].upper, case["problem"].lower,
+                         project_y=project)
+
+
+def test_a_projection_jax_cannot_differentiate_is_refused():
+  case = _case("box")
+  problem = _undifferentiable_box_problem(case)
   with pytest.raises(ValueError, match="project_y cannot be differentiated"):
     bilevel.implicit_hypergradient(problem, jnp.asarray(case["x"]),
                                    jnp.asarray(case["y"]))
@@ -259,13 +263,7 @@ def test_a_projection_jax_cannot_differentiate_is_refused():
                                   "ma_soba", "borep", "itd"])
 def test_solvers_refuse_a_projection_jax_cannot_differentiate_at_init(name):
   case = _case("box")
-
-  def project(y):
-    return jax.pure_callback(lambda a: np.clip(a, -0.3, 0.4),
-                             jax.ShapeDtypeStruct(y.shape, y.dtype), y)
-
-  problem = bilevel.Problem(case["problem"].upper, case["problem"].lower,
-                            project_y=project)
+  problem = _undifferentiable_box_problem(case)
   solver = getattr(bilevel.solvers, name)(problem)
   with pytest.raises(ValueError, match="penalty"):
     solver.init(jnp.asarray(case["x"]), jnp.asarray(case["y"]))
