@@ -212,3 +212,13 @@ def test_scalebio_penalty_bias_and_large_penalty():
   errors = _errors(bilevel.solvers.scalebio, 20000, penalty=1e8,
                    upper_optimizer=0.2, lower_optimizer=0.5e-8)
   assert np.all(errors < TOL), errors
+
+
+def test_lvhba_stated_slow_convergence_on_an_unconstrained_quadratic():
+  """LV-HBA's docstring: 4.7e-3 after 50000 steps at kappa = 2 (50 x 40)."""
+  q = quadratic(2.0)
+  solver = bilevel.solvers.lvhba(q.problem)
+  result = bilevel.run(solver, jnp.asarray(q.x0), jnp.asarray(q.y0),
+                       num_steps=50_000, steps_per_chunk=25_000)
+  error = np.linalg.norm(result.x - q.x_star) / np.linalg.norm(q.x_star)
+  assert 1e-3 < error < 1e-2, error
