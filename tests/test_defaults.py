@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import bilevel
-from conformance.quadratics import quadratic
+from conformance.quadratics import objectives, quadratic
 
 KAPPAS = (2.0, 100.0)
 DIMS = dict(dim_x=10, dim_y=8)
@@ -39,16 +39,7 @@ def _quadratics(kappas=KAPPAS):
 
 def _problem(A, B, b, C, d, r):
   """The deterministic problem of ``quadratic``, with traced matrices."""
-
-  def lower(x, y, batch):
-    del batch
-    return 0.5 * y @ A @ y - y @ (B @ x + b)
-
-  def upper(x, y, batch):
-    del batch
-    return 0.5 * jnp.sum((C @ y - d) ** 2) + 0.5 * r * x @ x
-
-  return bilevel.Problem(upper, lower)
+  return bilevel.Problem(*objectives(A, B, b, C, d, r))
 
 
 def _errors(factory, num_steps, kappas=KAPPAS, **hyperparameters):

@@ -579,17 +579,11 @@ def float32() -> BankProblem:
   relative per operation).
   """
   quadratic = quadratics.quadratic(10.0)
-  a, b_matrix, b, c, d = (_vector(m, jnp.float32) for m in (
-      quadratic.A, quadratic.B, quadratic.b, quadratic.C, quadratic.d))
-  r = np.float32(quadratic.r)
-
-  def lower(x, y, batch):
-    del batch
-    return 0.5 * y @ a @ y - y @ (b_matrix @ x + b)
-
-  def upper(x, y, batch):
-    del batch
-    return 0.5 * jnp.sum((c @ y - d) ** 2) + 0.5 * r * x @ x
+  upper, lower = quadratics.objectives(
+      *(_vector(m, jnp.float32) for m in (quadratic.A, quadratic.B,
+                                          quadratic.b, quadratic.C,
+                                          quadratic.d)),
+      np.float32(quadratic.r))
 
   return BankProblem(
       name="quadratic_float32", problem_class="float32",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 import bilevel
@@ -56,12 +57,25 @@ class Quadratic(NamedTuple):
     return M.T @ (M @ np.asarray(x) + m) + self.r * np.asarray(x)
 
 
+def objectives(A, B, b, C, d, r):
+  """``(f, g)`` of the deterministic problem for given (possibly traced or
+  single-precision) constants: one place for the formulas above."""
+  def lower(x, y, batch):
+    del batch
+    return 0.5 * y @ A @ y - y @ (B @ x + b)
+
+  def upper(x, y, batch):
+    del batch
+    return 0.5 * jnp.sum((C @ y - d) ** 2) + 0.5 * r * x @ x
+
+  return upper, lower
+
+
 def quadratic(condition_number: float, *, dim_x: int = 50, dim_y: int = 40,
               phi_smoothness: float = 0.9, r: float = 0.1,
               num_samples: int | None = None, batch_size: int | None = None,
               noise: float = 0.3, seed: int = 0) -> Quadratic:
   """The quadratic bilevel problem above (see the module docstring)."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   basis, _ = np.linalg.qr(rng.standard_normal((dim_y, dim_y)))
   eigenvalues = np.linspace(1.0 / condition_number, 1.0, dim_y)
@@ -83,13 +97,7 @@ def quadratic(condition_number: float, *, dim_x: int = 50, dim_y: int = 40,
   A_, B_, b_, C_, d_ = (jnp.asarray(a) for a in (A, B, b, C, d))
 
   if num_samples is None:
-    def lower(x, y, batch):
-      del batch
-      return 0.5 * y @ A_ @ y - y @ (B_ @ x + b_)
-
-    def upper(x, y, batch):
-      del batch
-      return 0.5 * jnp.sum((C_ @ y - d_) ** 2) + 0.5 * r * x @ x
+    upper, lower = objectives(A_, B_, b_, C_, d_, r)
     data = None
   else:
     xi = noise * rng.standard_normal((num_samples, dim_y))
