@@ -62,6 +62,20 @@ class RunResult(NamedTuple):
   checkpoint_seconds: float = 0.0
 
   @property
+  def y_penalized(self) -> PyTree:
+    """The penalised point of a penalty-type solver, or ``None``.
+
+    ``y`` is always an iterate of the lower problem alone: a model of
+    ``g(x, .)`` that never saw the upper data, the one to evaluate or deploy.
+    Penalty-type solvers (``penalty``, ``penalty_momentum``, ``f2sa``,
+    ``bome``, ``scalebio``) also carry the papers' ``y``, fitted to
+    ``f / lambda + g``: it approaches the optimistic lower solution (the
+    lower minimiser best for ``f``) as ``lambda`` grows, the one to report
+    when lower solutions are not unique. It is ``state.y_penalized``.
+    """
+    return getattr(self.state, "y_penalized", None)
+
+  @property
   def steps_per_second(self) -> float:
     """Steps per second, compilation excluded."""
     return self.num_timed_steps / self.seconds if self.seconds > 0 else math.nan
