@@ -422,7 +422,8 @@ class TestBOME:
     multiplier = max(0.5 * norm2 - inner, 0.0) / norm2
     np.testing.assert_allclose(info.multiplier, multiplier, rtol=1e-10)
     _tree_close(state.x, x - 0.1 * (grad_f[0] + multiplier * grad_q[0]))
-    _tree_close(state.y, y - 0.1 * (grad_f[1] + multiplier * grad_q[1]))
+    _tree_close(state.y_penalized,
+                y - 0.1 * (grad_f[1] + multiplier * grad_q[1]))
     # The joint direction decreases q at rate phi = eta |grad q|^2 (or
     # faster, when the multiplier is 0).
     direction = [f_ + multiplier * q_ for f_, q_ in zip(grad_f, grad_q)]
