@@ -6,7 +6,7 @@ chunks of ``C`` steps, compilation excluded (every workload is warmed up
 first). Workloads, timed as whole ``run`` calls in interleaved repeats
 (order reversed every other repeat), medians:
 
-* ``unchecked``: ``on_nonfinite="ignore"``, no checkpoints: the baseline;
+* ``unchecked``: ``on_divergence="ignore"``, no checkpoints: the baseline;
 * ``checked``: the default, a NaN/inf check of the state and diagnostics
   after every step inside the compiled chunk;
 * ``ckpt/k``: the default check plus a checkpoint every ``k`` chunks and at
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   print(f"{num_steps} steps in chunks of {chunk} "
         f"({-(-num_steps // chunk)} chunks), {repeats} interleaved repeats")
 
-  def workload(on_nonfinite, every):
+  def workload(on_divergence, every):
     def call(repeat):
       directory = None
       if every is not None:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
       start = time.perf_counter()
       result = bilevel.run(solver, instance.x0, instance.y0, instance.data,
                            num_steps=num_steps, key=key,
-                           steps_per_chunk=chunk, on_nonfinite=on_nonfinite,
+                           steps_per_chunk=chunk, on_divergence=on_divergence,
                            checkpoint_dir=directory, checkpoint_every=every or 1)
       seconds = time.perf_counter() - start
       if directory is not None:

@@ -33,7 +33,7 @@ def _run(q, num_steps, **hyperparameters):
   solver = bilevel.solvers.ma_soba(q.problem, **hyperparameters)
   return bilevel.run(solver, jnp.asarray(q.x0), jnp.asarray(q.y0),
                      num_steps=num_steps, steps_per_chunk=num_steps,
-                     on_nonfinite="ignore").x
+                     on_divergence="ignore").x
 
 
 def _spectral_radius(q, **hyperparameters):

@@ -89,7 +89,7 @@ def test_divergence_names_step_variable_and_last_diagnostics(bad_step):
   clean = bilevel.run(solver, instance.x0, instance.y0, num_steps=12,
                       steps_per_chunk=5)
   with pytest.raises(bilevel.DivergenceError,
-                     match=rf"step {bad_step} of 12, in state\.v\b") as error:
+                     match=rf"step {bad_step} of 12: non-finite values \(NaN or inf\) in state\.v\b") as error:
     bilevel.run(_poisoned(solver, bad_step), instance.x0, instance.y0,
                 num_steps=12, steps_per_chunk=5)
   error = error.value
@@ -97,16 +97,17 @@ def test_divergence_names_step_variable_and_last_diagnostics(bad_step):
   assert error.variables == ["state.v"]
   # The result stops at the last finite state, its history at the bad step.
   assert int(error.result.state.num_steps) == bad_step - 1
-  assert error.result.nonfinite_step == bad_step
+  assert error.result.divergence_step == bad_step
+  assert error.result.nonfinite_step == bad_step  # the former name
   assert error.result.history.upper_loss.shape == (bad_step,)
   np.testing.assert_array_equal(error.result.history.upper_loss,
                                 clean.history.upper_loss[:bad_step])
   if bad_step == 1:
-    assert error.last_finite_info is None
+    assert error.last_good_info is None
     np.testing.assert_array_equal(error.result.x, instance.x0)
   else:
     expected = float(clean.history.upper_loss[bad_step - 2])
-    assert error.last_finite_info["upper_loss"] == expected
+    assert error.last_good_info["upper_loss"] == expected
     assert set(error.last_finite_info) == set(clean.history._fields)
     assert all(np.all(np.isfinite(leaf)) for leaf in
                jax.tree.leaves(error.result.state) if leaf.dtype.kind == "f")
@@ -125,7 +126,7 @@ def test_real_divergence_raises():
   instance = _instance()
   solver = bilevel.solvers.soba(instance.problem, upper_optimizer=50.0,
                                 lower_optimizer=5.0)
-  with pytest.raises(bilevel.DivergenceError, match="non-finite") as error:
+  with pytest.raises(bilevel.DivergenceError, match="divergence at step") as error:
     bilevel.run(solver, instance.x0, instance.y0, num_steps=2000)
   assert 1 < error.value.step < 2000
   assert error.value.variables  # something is named
@@ -137,12 +138,12 @@ def test_warn_keeps_going_and_ignore_does_not_check():
   solver = _poisoned(bilevel.solvers.aid(instance.problem), 4)
   with pytest.warns(RuntimeWarning, match="step 4 of 9") as record:
     result = bilevel.run(solver, instance.x0, instance.y0, num_steps=9,
-                         steps_per_chunk=3, on_nonfinite="warn")
+                         steps_per_chunk=3, on_divergence="warn")
   assert len(record) == 1
-  assert result.nonfinite_step == 4 and int(result.state.num_steps) == 9
+  assert result.divergence_step == 4 and int(result.state.num_steps) == 9
   ignored = bilevel.run(solver, instance.x0, instance.y0, num_steps=9,
-                        steps_per_chunk=3, on_nonfinite="ignore")
-  assert ignored.nonfinite_step is None
+                        steps_per_chunk=3, on_divergence="ignore")
+  assert ignored.divergence_step is None
   assert int(ignored.state.num_steps) == 9
   assert not np.all(np.isfinite(ignored.history.hypergradient_norm))
 
@@ -151,7 +152,7 @@ def test_healthy_run_reports_no_divergence():
   instance = _instance()
   result = bilevel.run(bilevel.solvers.aid(instance.problem), instance.x0,
                        instance.y0, num_steps=7, steps_per_chunk=3)
-  assert result.nonfinite_step is None
+  assert result.divergence_step is None
 
 
 def test_divergence_under_vmap_stops_each_member():
@@ -163,7 +164,7 @@ def test_divergence_under_vmap_stops_each_member():
   def run(bad_step):
     solver = _poisoned(bilevel.solvers.aid(instance.problem), bad_step)
     result = bilevel.run(solver, instance.x0, instance.y0, num_steps=10)
-    return result.nonfinite_step, result.x, result.state.num_steps
+    return result.divergence_step, result.x, result.state.num_steps
 
   steps, xs, counts = jax.jit(jax.vmap(run))(jnp.array([3, 100, 10]))
   np.testing.assert_array_equal(steps, [3, -1, 10])
@@ -177,12 +178,16 @@ def test_divergence_under_vmap_stops_each_member():
   np.testing.assert_array_equal(counts, [10, 10, 10])
 
 
-def test_bad_on_nonfinite_and_foreign_state_are_refused():
+def test_bad_on_divergence_and_foreign_state_are_refused():
   instance = _instance()
   solver = bilevel.solvers.aid(instance.problem)
-  with pytest.raises(ValueError, match="on_nonfinite"):
+  with pytest.raises(ValueError, match="on_divergence"):
     bilevel.run(solver, instance.x0, instance.y0, num_steps=3,
-                on_nonfinite="skip")
+                on_divergence="skip")
+  with pytest.warns(DeprecationWarning, match="on_divergence"):
+    former = bilevel.run(solver, instance.x0, instance.y0, num_steps=3,
+                         on_nonfinite="ignore")
+  assert former.divergence_step is None
   soba_state = bilevel.solvers.soba(instance.problem).init(instance.x0,
                                                             instance.y0)
   with pytest.raises(ValueError, match="state does not match"):

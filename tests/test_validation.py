@@ -534,10 +534,10 @@ CASES = [
     Case("run-not-a-solver", "run",
          lambda name: bilevel.run(_solver(name).step, X, Y, num_steps=3),
          TypeError, r"run\(\) expects a bilevel.BilevelSolver"),
-    Case("run-on-nonfinite-unknown", "run",
+    Case("run-on-divergence-unknown", "run",
          lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
-                                  on_nonfinite="skip"),
-         ValueError, "on_nonfinite must be one of"),
+                                  on_divergence="skip"),
+         ValueError, "on_divergence must be one of"),
     Case("run-state-of-another-solver", "run",
          lambda name: bilevel.run(
              _solver(name), None, None, num_steps=3,
@@ -560,8 +560,28 @@ CASES = [
                         "scalebio": {"lower_optimizer": 0.5}}.get(name, {})),
              X, Y + 1.0, num_steps=50),
          bilevel.DivergenceError,
-         r"bilevel.run: non-finite values \(NaN or inf\) at step \d+ of 50, "
-         r"in .*state", SOLVERS),
+         r"bilevel.run: divergence at step \d+ of 50: ", SOLVERS),
+    Case("run-blows-up", "run",
+         # Phi(x) = -0.0075 |x|^2 + const is unbounded below: with an upper
+         # step of 1, x grows by 1.015 per step, finite but without end.
+         lambda name: bilevel.run(
+             _solver(name, bilevel.Problem(
+                 lambda x, y, b: -0.0075 * jnp.sum(x ** 2)
+                 + 0.5 * jnp.sum((y - 1.0) ** 2),
+                 lambda x, y, b: 0.5 * jnp.sum((y - 0.1 * x) ** 2)),
+                     upper_optimizer=1.0),
+             X + 1.0, Y, num_steps=4000),
+         bilevel.DivergenceError,
+         r"bilevel.run: divergence at step \d+ of 4000: values grew past "
+         r"max_growth times their start", ("soba", "aid")),
+    Case("run-max-growth-not-above-one", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
+                                  max_growth=1.0),
+         ValueError, "max_growth must be greater than 1"),
+    Case("run-max-magnitude-negative", "run",
+         lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
+                                  max_magnitude=-1.0),
+         ValueError, "max_magnitude must be a positive number"),
     Case("run-checkpoint-dir-is-a-file", "run",
          lambda name: bilevel.run(_solver(name), X, Y, num_steps=3,
                                   checkpoint_dir=__file__),
