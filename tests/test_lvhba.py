@@ -1,11 +1,13 @@
 """LV-HBA, lower-level constraints, projections and the constrained problems."""
 
+import dataclasses
 import itertools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
@@ -13,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 import bilevel
 from bilevel import constraints, projections
 from bilevel.solvers._lvhba import OFFICIAL_SETTINGS
+import problems
 from problems import constrained
 
 # The settings of paper_repro/lvhba for the SVM problems, with the paper's
@@ -695,3 +698,102 @@ def test_lvhba_rejects_bad_normalize_constraints(value):
   with pytest.raises(ValueError, match="normalize_constraints must be True"):
     bilevel.solvers.lvhba(constrained.llc_toy(dim=3).problem,
                           normalize_constraints=value)
+
+
+# ---------------------------------------------------------------------------
+# state.y: the lower iterate w without lower constraints; the paper's y
+# (state.y_penalized) otherwise.
+
+
+def test_lvhba_lower_iterate_step_and_oracle_calls():
+  problem = _box_problem()
+  solver = bilevel.solvers.lvhba(problem, saddle_step_size=0.4)
+  assert solver.oracle_calls == bilevel.OracleCalls(1, 4, 0, 0)
+  x, y = jnp.array([2.0, 0.3, -1.0]), jnp.array([0.9, 0.2, 0.6])
+  state = solver.init(x, y)
+  np.testing.assert_array_equal(state.y_penalized, y)
+  for _ in range(2):  # warm-started from its own previous value
+    x, w = state.x, state.y
+    state, _ = solver.step(state)
+    # One projected step on f(x^k, .) = |y - x|^2 / 2 over [0, 1]^3.
+    np.testing.assert_allclose(state.y, jnp.clip(w - 0.4 * (w - x), 0.0,
+                                                 1.0), rtol=1e-12)
+  assert float(jnp.max(jnp.abs(state.y - state.y_penalized))) > 1e-2
+  # With lower constraints state.y is the paper's y, and costs nothing.
+  instance = constrained.llc_toy(dim=3)
+  solver = bilevel.solvers.lvhba(instance.problem)
+  assert solver.oracle_calls == bilevel.OracleCalls(1, 3, 0, 0)
+  state, _ = solver.step(solver.init(instance.x0, instance.y0))
+  chex.assert_trees_all_equal(state.y, state.y_penalized)
+
+
+def test_lvhba_y_never_sees_the_validation_labels():
+  # Hyper-cleaning with x held at x0: the validation labels move only
+  # y_penalized (through grad F), never y.
+  instance = problems.hyper_cleaning(jax.random.key(0), batch_size=64)
+  x0 = instance.x0
+  problem = dataclasses.replace(instance.problem, project_x=lambda x: x0)
+  labels = instance.data.upper["labels"]
+  shifted = dataclasses.replace(
+      instance.data, upper={**instance.data.upper,
+                            "labels": (labels + 1) % 10})
+  solver = bilevel.solvers.lvhba(problem)
+  runs = [bilevel.run(solver, x0, instance.y0, data, num_steps=300,
+                      key=jax.random.key(1))
+          for data in (instance.data, shifted)]
+  for run in runs:
+    np.testing.assert_array_equal(run.x, x0)
+  chex.assert_trees_all_equal(runs[0].y, runs[1].y)
+  assert max(float(jnp.max(jnp.abs(leaf)))
+             for leaf in jax.tree.leaves(runs[0].y)) > 0.1
+  # Measured: entries differ by 0.32; test accuracy 0.89 with the true
+  # labels, 0.80 with the shifted ones, 0.85 for y.
+  difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(runs[0].y_penalized),
+      jax.tree.leaves(runs[1].y_penalized)))
+  assert difference > 0.1, difference
+
+
+def test_lvhba_y_converges_to_the_lower_solution():
+  instance = problems.quadratic(jax.random.key(0), dim_x=10, dim_y=8,
+                                condition_number=10.0)
+
+  def relative(y, x):
+    y_star = instance.lower_solution(x)
+    return float(jnp.linalg.norm(y - y_star) / jnp.linalg.norm(y_star))
+
+  # A decaying step on (x, y_penalized) stops x (0.60 from x*); w, with the
+  # constant saddle step, converges to y*(x). Measured: 1.3e-10
+  # (y_penalized: 0.099).
+  solver = bilevel.solvers.lvhba(
+      instance.problem, step_size=optax.exponential_decay(0.3, 500, 0.1))
+  result = bilevel.run(solver, instance.x0, instance.y0, num_steps=4000)
+  assert relative(result.y, result.x) < 1e-9
+  assert relative(result.y_penalized, result.x) > 0.05
+  # With the defaults x keeps moving and w lags: 1.6e-4 after 5000 steps,
+  # y_penalized 0.027.
+  solver = bilevel.solvers.lvhba(instance.problem)
+  result = bilevel.run(solver, instance.x0, instance.y0, num_steps=5000)
+  assert relative(result.y, result.x) < 1e-3
+  assert relative(result.y_penalized, result.x) > 0.01
+
+
+def test_lvhba_nonunique_lower_solutions():
+  # g = (y1 - x)^2 / 2 is flat in y2; F = (y2 - 1)^2 / 2 + x^2 / 2: lower
+  # solutions {y1 = x}, the optimistic one y2 = 1, x* = 0.
+  def upper(x, y, batch):
+    del batch
+    return 0.5 * (y[1] - 1.0) ** 2 + 0.5 * x ** 2
+
+  def lower(x, y, batch):
+    del batch
+    return 0.5 * (y[0] - x) ** 2
+
+  solver = bilevel.solvers.lvhba(bilevel.Problem(upper, lower))
+  result = bilevel.run(solver, jnp.asarray(1.0), jnp.array([0.5, -0.5]),
+                       num_steps=20_000)
+  # Measured: x 1.5e-14, y_penalized (1.5e-14, 1.0).
+  assert abs(float(result.x)) < 1e-10
+  np.testing.assert_allclose(result.y_penalized, [0.0, 1.0], atol=1e-10)
+  assert float(result.y[1]) == -0.5
+  assert abs(float(result.y[0] - result.x)) < 1e-10

@@ -54,6 +54,42 @@ nonnegative multipliers whose difference plays the part of one) that
 reaches the same solutions. :math:`\Pi_Y` (for :math:`\theta`) is
 ``project_y``.
 
+**Which y to use.** The paper's :math:`y^k` above is ``state.y_penalized``
+(``bilevel.run(...).y_penalized``): it descends :math:`F / c_k + f -
+v_\gamma`, so it is fitted to the upper (validation) data, and
+:math:`\theta` is a proximal point of the lower level pulled towards it,
+so neither is a model of the lower problem alone. It approaches the
+optimistic lower solution (the lower minimiser best for :math:`F`) as
+:math:`c_k` grows: report it when lower solutions are not unique and that
+solution is wanted.
+
+* *Without lower constraints* (no ``lower_constraints``,
+  ``lower_equality_constraints`` or ``project_xy``; ``project_y`` allowed),
+  the lower feasible set is :math:`Y` and ``state.y``
+  (``bilevel.run(...).y``) is a lower iterate of our own,
+
+  .. math:: w^{k+1} = \Pi_Y\bigl(w^k - \eta_k \nabla_y f(x^k, w^k)\bigr),
+     \qquad w^0 = y^0,
+
+  on the step's lower batch, warm-started, one lower gradient per step. It
+  never reads :math:`y^k`, :math:`\theta^k` or :math:`F`, so it depends on
+  the upper data only through :math:`x`, and it does not enter the
+  update of :math:`(x, y, z, \theta, \lambda)`: it is the model to
+  evaluate or deploy. Like the lower iterate of a single-loop method it
+  follows :math:`\arg\min_Y f(x^k, \cdot)` at the rate of one step per
+  change of :math:`x`.
+* *With lower constraints*, ``state.y`` is the paper's :math:`y^k`, the
+  same array as ``state.y_penalized``, and the solver does not spend the
+  extra gradient. A lower iterate would need the projection onto the
+  slice :math:`\{y \in Y : c(x, y) \le 0,\ e(x, y) = 0\}` at the
+  current :math:`x`; ``project_xy`` is the projection onto the joint set
+  :math:`C`, which moves :math:`x` too (and may hold upper constraints,
+  as :math:`Bx = 0` in the LLSC toy), so it is not that projection, and
+  stepping on the Lagrangian instead would leave the iterate infeasible.
+  Here ``state.y`` is feasible for :math:`x` (it is kept in :math:`C`),
+  ``info.lower_gap`` estimates :math:`f - v_\gamma` at it, and it has
+  seen the upper data.
+
 **The joint set** :math:`C`. The reformulation holds only where ``y`` is
 feasible for ``x``: at an infeasible ``y`` the maximisation over
 :math:`\lambda` makes :math:`-v_\gamma` concave, and the penalised objective
@@ -235,7 +271,16 @@ class LVHBAState(NamedTuple):
 
   Attributes:
     x: upper variable :math:`x^k`.
-    y: lower variable :math:`y^k`.
+    y: without lower constraints (no ``lower_constraints``,
+      ``lower_equality_constraints`` or ``project_xy``), the lower iterate
+      :math:`w^k`: projected gradient steps on :math:`f(x^k, \cdot)` over
+      :math:`Y` alone, which never see the upper data. With lower
+      constraints, the paper's :math:`y^k` (equal to ``y_penalized``):
+      LV-HBA then has no iterate of the lower problem alone (see the module
+      docstring, "Which y to use"). What :func:`bilevel.run` reports as
+      ``result.y``.
+    y_penalized: the paper's :math:`y^k`, fitted to :math:`F / c_k + f -
+      v_\gamma` (``result.y_penalized``).
     z: proximal centre of the multipliers, :math:`z^k`, a pair
       ``(inequality, equality)`` shaped like the constraint values (``()``
       for an absent kind).
@@ -246,6 +291,7 @@ class LVHBAState(NamedTuple):
   """
   x: PyTree
   y: PyTree
+  y_penalized: PyTree
   z: tuple[PyTree, PyTree]
   theta: PyTree
   multipliers: tuple[PyTree, PyTree]
@@ -255,6 +301,8 @@ class LVHBAState(NamedTuple):
 
 class LVHBAInfo(NamedTuple):
   r"""Diagnostics of one step (at :math:`(x^k, y^k)` and the new saddle).
+
+  :math:`y^k` is the paper's, ``state.y_penalized``.
 
   Attributes:
     upper_loss: :math:`F(x^k, y^k)` on the upper batch.
@@ -532,7 +580,8 @@ def lvhba(problem: Problem, *, step_size: Any = 0.3,
     step_size: :math:`\alpha_k`, the step on ``(x, y)`` (number or schedule).
     z_step_size: :math:`\beta_k`, the step on ``z``.
     saddle_step_size: :math:`\eta_k`, the descent-ascent step on
-      :math:`(\theta, \lambda)`.
+      :math:`(\theta, \lambda)`; without lower constraints, also the step
+      of the lower iterate ``state.y``.
     gamma1: :math:`\gamma_1 > 0`, the proximal parameter of :math:`\theta`.
     gamma2: :math:`\gamma_2 > 0`, the proximal parameter of :math:`\lambda`.
     multiplier_bound: :math:`u`, the bound of the multiplier box :math:`Z`
@@ -551,10 +600,12 @@ def lvhba(problem: Problem, *, step_size: Any = 0.3,
     A :class:`bilevel.BilevelSolver` with :class:`LVHBAState` and
     :class:`LVHBAInfo`. ``init(x, y, *, key=None, data=None)`` reads the
     joint set and :math:`\sigma` (once per layout of ``(x, y)``), and
-    starts from :math:`\theta^0 = \Pi_Y(y^0)` and
+    starts ``state.y`` and ``state.y_penalized`` at ``y``, and from
+    :math:`\theta^0 = \Pi_Y(y^0)` and
     :math:`\lambda^0 = z^0 = 0`. One step costs ``1 Gf + 3 Gg``, two
     vector-Jacobian products and two evaluations of the constraints, and
-    the projections.
+    the projections; without lower constraints, one more ``Gg`` for the
+    lower iterate ``state.y`` (``1 Gf + 4 Gg``).
 
   Raises:
     ValueError: at ``init``, if the problem has lower constraints that
@@ -573,6 +624,9 @@ def lvhba(problem: Problem, *, step_size: Any = 0.3,
     check_positive("multiplier_bound", multiplier_bound)
   penalty_fn = _as_penalty_schedule(penalty_base, penalty_power)
   _check_normalize(normalize_constraints)
+  # Without lower constraints the lower feasible set is Y and the lower
+  # iterate w (state.y) is tracked; with them, state.y is the paper's y.
+  tracks_lower = not problem.has_lower_constraints
   setups = {}
 
   def setup(x, y) -> _Setup:
@@ -586,19 +640,19 @@ def lvhba(problem: Problem, *, step_size: Any = 0.3,
     setup(x, y)
     values = jax.tree.map(jnp.zeros_like,
                           constraints.values(problem, x, y))
-    return LVHBAState(x=x, y=y, z=values, theta=problem.projected_y(y),
-                      multipliers=values, sampler=sampler,
-                      num_steps=jnp.zeros((), jnp.int32))
+    return LVHBAState(x=x, y=y, y_penalized=y, z=values,
+                      theta=problem.projected_y(y), multipliers=values,
+                      sampler=sampler, num_steps=jnp.zeros((), jnp.int32))
 
   def step(state: LVHBAState, data=None):
     _base.check_step_data(state.sampler, data)
-    project, scale, _ = setup(state.x, state.y)
+    project, scale, _ = setup(state.x, state.y_penalized)
     # The constraints divided by sigma, in the multipliers' own units.
     inverse_square = 1.0 / scale ** 2
     k = state.num_steps
     alpha, beta, eta = (steps[name](k) for name in (
         "step_size", "z_step_size", "saddle_step_size"))
-    x, y, z = state.x, state.y, state.z
+    x, y, z = state.x, state.y_penalized, state.z
     theta, multipliers = state.theta, state.multipliers
     upper_batch, sampler = _data.sample(state.sampler, data, "upper")
     lower_batch, sampler = _data.sample(sampler, data, "lower")
@@ -665,9 +719,18 @@ def lvhba(problem: Problem, *, step_size: Any = 0.3,
     new_z = jax.tree.map(lambda m, old: m.astype(old.dtype), new_z, z)
     theta = jax.tree.map(lambda t, old: t.astype(old.dtype), theta,
                          state.theta)
-    return LVHBAState(new_x, new_y, new_z, theta, multipliers, sampler,
-                      k + 1), info
+    if tracks_lower:
+      # (3) The lower iterate w: one projected step on f(x^k, .) over Y, on
+      # the same lower batch; it reads neither y nor F.
+      grad_w = derivatives.lower_grad(problem, x, state.y, lower_batch)
+      new_w = problem.projected_y(jax.tree.map(
+          lambda w, d: (w - eta * d).astype(w.dtype), state.y, grad_w))
+    else:
+      new_w = new_y
+    return LVHBAState(new_x, new_w, new_y, new_z, theta, multipliers,
+                      sampler, k + 1), info
 
-  oracle_calls = _base.OracleCalls(upper_grads=1, lower_grads=3, hvps=0,
-                                   cross_products=0)
+  oracle_calls = _base.OracleCalls(upper_grads=1,
+                                   lower_grads=4 if tracks_lower else 3,
+                                   hvps=0, cross_products=0)
   return _base.BilevelSolver(init, step, oracle_calls)
