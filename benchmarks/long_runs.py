@@ -7,8 +7,9 @@ first). Workloads, timed as whole ``run`` calls in interleaved repeats
 (order reversed every other repeat), medians:
 
 * ``unchecked``: ``on_divergence="ignore"``, no checkpoints: the baseline;
-* ``checked``: the default, a NaN/inf check of the state and diagnostics
-  after every step inside the compiled chunk;
+* ``checked``: the default, the divergence checks (NaN/inf in the state and
+  diagnostics, growth of the iterates and diagnostics past ``max_growth``
+  times their start) after every step inside the compiled chunk;
 * ``ckpt/k``: the default check plus a checkpoint every ``k`` chunks and at
   the end (a fresh directory per call, so nothing is resumed).
 
