@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -52,10 +53,81 @@ class BilevelSolver(NamedTuple):
       ``data`` is a :class:`bilevel.Data` (or ``None``) and is an argument, so
       new data of the same shapes does not recompile.
     oracle_calls: the :class:`OracleCalls` of one step.
+    spec: how the solver was built, a :class:`SolverSpec` (the factory's
+      name, the problem and every other argument of the factory, defaults
+      included), set by the factories of :mod:`bilevel.solvers`; ``None``
+      for a solver assembled by hand. :func:`bilevel.run` fingerprints it
+      to tell whether a checkpoint belongs to the run
+      (:mod:`bilevel.checkpoint`). Compared and hashed by identity, like
+      ``init`` and ``step``.
   """
   init: Callable[..., Any]
   step: Callable[..., tuple[Any, Any]]
   oracle_calls: OracleCalls
+  spec: Any = None
+
+
+class SolverSpec:
+  """How a solver was built: its factory's name and arguments.
+
+  Compared and hashed by identity (``BilevelSolver`` is a static argument of
+  ``jax.jit``, hashed on every call; its hyperparameters may be arrays or
+  tracers).
+
+  Attributes:
+    name: the factory's name in :mod:`bilevel.solvers` (``"aid"``).
+    problem: the :class:`bilevel.Problem` given to the factory.
+    hyperparameters: every other argument of the factory by name, defaults
+      applied (``{"upper_optimizer": 1.0, "lower_optimizer": 0.5, ...}``), as
+      given (a step size stays a number, an optax optimizer an optimizer).
+    init, step: the functions the factory built; a solver whose ``init`` or
+      ``step`` is not these (``solver._replace(step=...)``) was changed
+      after it was built.
+  """
+
+  def __init__(self, name: str, problem: Any, hyperparameters: dict,
+               init: Callable[..., Any], step: Callable[..., Any]):
+    self.name = name
+    self.problem = problem
+    self.hyperparameters = hyperparameters
+    self.init = init
+    self.step = step
+
+  def __repr__(self) -> str:
+    return (f"SolverSpec({self.name!r}, hyperparameters="
+            f"{sorted(self.hyperparameters)})")
+
+
+def recorded(factory: Callable[..., BilevelSolver]
+             ) -> Callable[..., BilevelSolver]:
+  """``factory`` whose solvers carry a :class:`SolverSpec` of their build.
+
+  The returned function has ``factory``'s name, docstring and signature
+  (``functools.wraps``). Its first parameter is the problem; every other
+  argument, defaults applied, is a hyperparameter.
+  """
+  signature = inspect.signature(factory)
+  problem_name = next(iter(signature.parameters))
+
+  @functools.wraps(factory)
+  def build(*args, **kwargs) -> BilevelSolver:
+    solver = factory(*args, **kwargs)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    hyperparameters = {}
+    for name, value in bound.arguments.items():
+      kind = signature.parameters[name].kind
+      if name == problem_name:
+        continue
+      if kind is inspect.Parameter.VAR_KEYWORD:
+        hyperparameters.update(value)
+      else:
+        hyperparameters[name] = value
+    spec = SolverSpec(factory.__name__, bound.arguments.get(problem_name),
+                      hyperparameters, solver.init, solver.step)
+    return solver._replace(spec=spec)
+
+  return build
 
 
 class HypergradientInfo(NamedTuple):

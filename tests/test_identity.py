@@ -1,9 +1,11 @@
-"""bilevel._identity.digest: a stable digest of values."""
+"""bilevel._identity.digest: a stable digest of values, and solver specs."""
 
 import dataclasses
 import functools
+import inspect
 import os
 import pathlib
+import pydoc
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ import pytest
 
 import bilevel
 import problems
+from bilevel import _base
 from bilevel._identity import MAX_DEPTH, digest
 from bilevel._validation import as_optimizer
 
@@ -332,6 +335,8 @@ _STABLE = textwrap.dedent("""
         "optax": optax.adamw(1e-3, weight_decay=0.1),
         "partial": functools.partial(jnp.clip, min=0.0),
         "jit": jax.jit(upper),
+        "problem": solver.spec.problem,
+        "hyperparameters": solver.spec.hyperparameters,
         "solver functions": (solver.init, solver.step),
         "data": instance.data.upper,
     }
@@ -352,4 +357,66 @@ def test_digests_are_identical_in_a_fresh_process():
     assert process.returncode == 0, process.stderr
     there = __import__("json").loads(process.stdout.strip().splitlines()[-1])
     assert there == here
+
+
+def _problem():
+  return problems.quadratic(jax.random.key(0), dim_x=3, dim_y=2,
+                            num_samples=16, batch_size=4).problem
+
+
+def test_factories_record_their_arguments():
+  problem = _problem()
+  solver = bilevel.solvers.aid(problem, upper_optimizer=0.05)
+  spec = solver.spec
+  assert isinstance(spec, _base.SolverSpec)
+  assert spec.name == "aid" and spec.problem is problem
+  assert spec.hyperparameters == {
+      "upper_optimizer": 0.05, "lower_optimizer": 0.5, "num_lower_steps": 10,
+      "linear_solver": None, "warm_start_linear": True}
+  assert spec.init is solver.init and spec.step is solver.step
+  assert "aid" in repr(spec) and " at 0x" not in repr(spec)
+  names = ["aid", "amigo", "bome", "borep", "f2sa", "itd", "lvhba", "ma_soba",
+           "penalty", "penalty_momentum", "scalebio", "soba", "stocbio",
+           "ttsa"]
+  for name in names:
+    built = getattr(bilevel.solvers, name)(problem)
+    assert built.spec.name == name
+    parameters = list(inspect.signature(getattr(bilevel.solvers, name))
+                      .parameters)
+    assert list(built.spec.hyperparameters) == parameters[1:]
+  assert bilevel.BilevelSolver(solver.init, solver.step,
+                               solver.oracle_calls).spec is None
+
+
+def test_recorded_factories_keep_their_signature_and_docs():
+  for name in ["aid", "stn", "penalty_momentum", "ttsa"]:
+    factory = getattr(bilevel.solvers, name)
+    original = factory.__wrapped__
+    assert factory.__name__ == name and factory.__doc__ == original.__doc__
+    assert inspect.signature(factory) == inspect.signature(original)
+    assert str(inspect.signature(original)) in pydoc.render_doc(
+        factory, renderer=pydoc.plaintext)
+  entry = bilevel.solvers.REGISTRY["aid"]
+  assert entry.factory is bilevel.solvers.aid
+
+
+def test_solvers_hash_and_compare_by_identity():
+  problem = _problem()
+  first = bilevel.solvers.aid(problem)
+  second = bilevel.solvers.aid(problem)
+  assert isinstance(hash(first), int)
+  assert first == first and first != second
+  assert first.spec != second.spec and hash(first.spec) != hash(second.spec)
+  # The solver is a static argument of jax.jit.
+  instance = problems.quadratic(jax.random.key(0), dim_x=3, dim_y=2,
+                                num_samples=16, batch_size=4)
+  solver = bilevel.solvers.soba(instance.problem)
+  state = solver.init(instance.x0, instance.y0, key=jax.random.key(0),
+                      data=instance.data)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def one_step(solver_, state_, data):
+    return solver_.step(state_, data)[0]
+
+  assert jnp.all(jnp.isfinite(one_step(solver, state, instance.data).x))
 

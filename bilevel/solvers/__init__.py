@@ -4,6 +4,7 @@ The baselines share one sign convention, ``v ~ H^{-1} grad_y f``, and the
 hypergradient estimate ``grad_x f - J v``.
 """
 
+from bilevel import _base
 from bilevel.solvers._aid import AIDState, aid
 from bilevel.solvers._amigo import AmIGOState, amigo
 from bilevel.solvers._bome import BOMEInfo, BOMEState, bome
@@ -24,6 +25,24 @@ from bilevel.solvers._soba import SOBAState, ma_soba, soba
 from bilevel.solvers._stn import STNInfo, STNState, stn
 from bilevel.solvers._stocbio import StocBiOState, stocbio
 from bilevel.solvers._ttsa import TTSAState, power_schedule, ttsa
+
+# Each factory records how it built its solver (BilevelSolver.spec: its name,
+# problem and hyperparameters), which bilevel.checkpoint fingerprints.
+aid = _base.recorded(aid)
+amigo = _base.recorded(amigo)
+bome = _base.recorded(bome)
+borep = _base.recorded(borep)
+f2sa = _base.recorded(f2sa)
+itd = _base.recorded(itd)
+lvhba = _base.recorded(lvhba)
+ma_soba = _base.recorded(ma_soba)
+penalty = _base.recorded(penalty)
+penalty_momentum = _base.recorded(penalty_momentum)
+scalebio = _base.recorded(scalebio)
+soba = _base.recorded(soba)
+stn = _base.recorded(stn)
+stocbio = _base.recorded(stocbio)
+ttsa = _base.recorded(ttsa)
 
 __all__ = [
     "PROBLEM_CLASSES",
