@@ -420,3 +420,20 @@ def test_solvers_hash_and_compare_by_identity():
 
   assert jnp.all(jnp.isfinite(one_step(solver, state, instance.data).x))
 
+
+def test_spec_of_a_vmapped_sweep_holds_tracers():
+  instance = problems.quadratic(jax.random.key(0), dim_x=3, dim_y=2,
+                                num_samples=16, batch_size=4)
+
+  def build(step_size):
+    solver = bilevel.solvers.soba(instance.problem,
+                                  upper_optimizer=step_size)
+    assert isinstance(solver.spec.hyperparameters["upper_optimizer"],
+                      jax.core.Tracer)
+    tracers = []
+    bilevel.checkpoint.fingerprint(None, None, solver=solver,
+                                   tracers=tracers)
+    assert tracers == [step_size]
+    return step_size
+
+  jax.vmap(build)(jnp.array([0.1, 0.2]))
