@@ -25,26 +25,20 @@ class Health(NamedTuple):
     first_bad: index (from 0, from the start of the run) of the first
       diverging step, ``-1`` if none yet.
     state_scales: starting magnitudes of the state's iterates.
-    info_scales: starting magnitudes of the diagnostics (NaN before the
-      first step).
+    info_scales: starting magnitudes of the diagnostics, in the slots of
+      :data:`bilevel._divergence.INFO_SLOTS` (NaN before the first step).
   """
   first_bad: jax.Array
   state_scales: jax.Array
   info_scales: jax.Array
 
 
-def start_health(state, info_like) -> Health:
-  """The health of a run that starts from ``state``.
-
-  Args:
-    state: the run's initial state.
-    info_like: one step's ``info`` (values or shapes).
-  """
-  num_info = len(_divergence.info_growth_leaves(info_like))
+def start_health(state) -> Health:
+  """The health of a run that starts from ``state``."""
   return Health(jnp.asarray(-1, jnp.int32),
                 _divergence.magnitudes(
                     _divergence.state_growth_leaves(state)),
-                jnp.full((num_info,), jnp.nan, jnp.float32))
+                _divergence.unknown_info_scales())
 
 
 def resumed_health(initial_state, first_info, first_bad: int) -> Health:
@@ -59,8 +53,8 @@ def resumed_health(initial_state, first_info, first_bad: int) -> Health:
   return Health(jnp.asarray(first_bad, jnp.int32),
                 _divergence.magnitudes(
                     _divergence.state_growth_leaves(initial_state)),
-                _divergence.magnitudes(
-                    _divergence.info_growth_leaves(first_info)))
+                _divergence.info_scales_of(_divergence.magnitudes(
+                    _divergence.info_growth_leaves(first_info))))
 
 
 class StateShardings:

@@ -42,6 +42,11 @@ PyTree = Any
 ON_DIVERGENCE = ("raise", "warn", "ignore")
 DEFAULT_MAX_GROWTH = 1e8
 GROWTH_FIELDS = ("x", "y", "y_penalized")
+# The starting magnitudes of the diagnostics live in a vector of fixed size,
+# so that the run knows its shape before tracing a step (a step is traced
+# once per compilation): diagnostic leaf i has slot min(i, INFO_SLOTS - 1),
+# and the leaves past the last slot share it (their largest start).
+INFO_SLOTS = 32
 
 
 class Limits(NamedTuple):
@@ -154,6 +159,29 @@ def names(state, info) -> list[str]:
           [name for name, _ in info_growth_leaves(info)])
 
 
+def unknown_info_scales() -> jax.Array:
+  """The diagnostics' starting magnitudes before the first step: NaN."""
+  return jnp.full((INFO_SLOTS,), jnp.nan, jnp.float32)
+
+
+def _slots(num_leaves: int) -> jax.Array:
+  return jnp.minimum(jnp.arange(num_leaves), INFO_SLOTS - 1)
+
+
+def info_scales_of(info_magnitudes: jax.Array) -> jax.Array:
+  """The slot vector of the starting magnitudes of the diagnostics."""
+  return jax.ops.segment_max(info_magnitudes,
+                             _slots(info_magnitudes.shape[0]),
+                             num_segments=INFO_SLOTS)
+
+
+def leaf_scales(state_scales: jax.Array, info_scales: jax.Array,
+                num_info_leaves: int) -> jax.Array:
+  """The starting magnitude of every growth leaf, state's then info's."""
+  return jnp.concatenate([state_scales,
+                          info_scales[_slots(num_info_leaves)]])
+
+
 def bounds(scales: jax.Array, limits: Limits) -> jax.Array:
   """The bound of each growth leaf, from its starting magnitude."""
   return jnp.minimum(limits.max_growth * jnp.maximum(scales, 1.0),
@@ -168,9 +196,9 @@ def flags(state, info, state_scales: jax.Array, info_scales: jax.Array,
     state: the state after the step.
     info: the step's diagnostics.
     state_scales: starting magnitudes of :func:`state_growth_leaves`.
-    info_scales: starting magnitudes of :func:`info_growth_leaves`, NaN
-      where not known yet (before the first step of a run): the step's own
-      magnitudes then become the start.
+    info_scales: the slot vector (:data:`INFO_SLOTS`) of the starting
+      magnitudes of :func:`info_growth_leaves`, NaN before the first step of
+      a run: the step's own magnitudes then become the start.
 
   Returns:
     ``(flags, magnitudes, info_scales)``: one bool per name of :func:`names`
@@ -180,11 +208,12 @@ def flags(state, info, state_scales: jax.Array, info_scales: jax.Array,
   finite = [jnp.all(jnp.isfinite(leaf))
             for _, leaf in finite_leaves(state, info)]
   info_magnitudes = magnitudes(info_growth_leaves(info))
-  info_scales = jnp.where(jnp.isnan(info_scales), info_magnitudes,
-                          info_scales)
+  info_scales = jnp.where(jnp.isnan(info_scales),
+                          info_scales_of(info_magnitudes), info_scales)
   grown = jnp.concatenate([magnitudes(state_growth_leaves(state)),
                            info_magnitudes])
-  scales = jnp.concatenate([state_scales, info_scales])
+  scales = leaf_scales(state_scales, info_scales,
+                       info_magnitudes.shape[0])
   within = ~(grown > bounds(scales, limits))
   healthy = jnp.concatenate([jnp.stack(finite) if finite else
                              jnp.ones((0,), bool), within])

@@ -154,8 +154,7 @@ def _scalars(info) -> dict[str, float]:
 def _traced_run(solver, state, data, num_steps, on_divergence, limits
                 ) -> RunResult:
   """The run as one scan in the caller's trace (under ``jit``/``vmap``)."""
-  health = _chunk.start_health(state, jax.eval_shape(solver.step, state,
-                                                      data)[1])
+  health = _chunk.start_health(state)
   (state, health), (history, _, _) = _chunk.scan_steps(
       solver, state, data, health, 0, num_steps, num_steps, limits,
       stop_at_divergence=on_divergence == "raise", freeze_counters=False)
@@ -175,7 +174,9 @@ def _divergence_report(new_state, infos, flags, magnitudes, health,
       name for name, flag in zip(names, bad) if flag))
   growth_names = names[len(_divergence.finite_leaves(new_state,
                                                      first_info)):]
-  scales = jnp.concatenate([health.state_scales, health.info_scales])
+  scales = _divergence.leaf_scales(
+      health.state_scales, health.info_scales,
+      len(_divergence.info_growth_leaves(first_info)))
   bounds = jax.device_get(_divergence.bounds(scales, limits))
   values = jax.device_get(magnitudes[relative])
   grown = {}
@@ -327,8 +328,7 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
           f"e.g. bilevel.sharding.fsdp(mesh)): {error}") from error
     shardings = _chunk.StateShardings(tree)
   initial_state = state
-  info_like = jax.eval_shape(solver.step, state, data)[1]
-  health = _chunk.start_health(state, info_like)
+  health = _chunk.start_health(state)
 
   done = 0
   chunks = []
@@ -338,7 +338,8 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
     checkpointer = checkpoint_lib.RunCheckpointer(
         checkpoint_dir, state, data, max_to_keep=max_checkpoints,
         solver=solver, key=key)
-    restored = checkpointer.restore_latest(lambda like: info_like)
+    restored = checkpointer.restore_latest(
+        lambda like: jax.eval_shape(solver.step, like, data)[1])
     if restored is not None:
       if restored.step > num_steps:
         checkpointer.close()

@@ -215,7 +215,7 @@ def run(solver, state, data, *, num_steps: int, key, directory,
   history = jax.tree.map(
       lambda leaf: jnp.zeros((rows,) + tuple(leaf.shape), leaf.dtype),
       info_like)
-  health = _chunk.start_health(state, info_like)
+  health = _chunk.start_health(state)
   initial_raw = _raw(state)
   member = io_callback(_member_id, jax.ShapeDtypeStruct((32,), jnp.uint8),
                        (initial_raw, [_raw(t) for t in tracers]))

@@ -149,3 +149,23 @@ def test_no_false_alarm_on_the_suite(solver_name):
                        num_steps=300, key=jax.random.key(0),
                        max_growth=1e6)
   assert result.divergence_step is None
+
+
+def test_many_diagnostics_share_the_last_slot():
+  # More diagnostics than bilevel._divergence.INFO_SLOTS (32): the leaves
+  # past the last slot share its start (their largest); growth is still seen.
+  solver = _soba(0.01)
+
+  def step(state, data=None):
+    new, info = solver.step(state, data)
+    extra = {f"d{i:02d}": jnp.asarray(1.0) for i in range(40)}
+    # d39 is 10 at the first step (its start, shared with d31..d38: the
+    # largest, 10) and grows by 10 per step: past 1e8 * 10 at step 10.
+    extra["d39"] = 10.0 ** new.num_steps.astype(jnp.float64)
+    return new, (info, extra)
+
+  with pytest.raises(bilevel.DivergenceError,
+                     match=r"step 10 of 20.*d39'\] reached 1e\+10 "
+                     r"\(bound 1e\+09\)") as error:
+    bilevel.run(solver._replace(step=step), X0, Y0, num_steps=20)
+  assert error.value.variables == ["info[1]['d39']"]
