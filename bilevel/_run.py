@@ -76,13 +76,15 @@ class RunResult(NamedTuple):
   def y_penalized(self) -> PyTree:
     """The penalised point of a penalty-type solver, or ``None``.
 
-    ``y`` is always an iterate of the lower problem alone: a model of
-    ``g(x, .)`` that never saw the upper data, the one to evaluate or deploy.
+    ``y`` is an iterate of the lower problem alone: a model of ``g(x, .)``
+    that never saw the upper data, the one to evaluate or deploy.
     Penalty-type solvers (``penalty``, ``penalty_momentum``, ``f2sa``,
-    ``bome``, ``scalebio``) also carry the papers' ``y``, fitted to
-    ``f / lambda + g``: it approaches the optimistic lower solution (the
+    ``bome``, ``scalebio``, ``lvhba``) also carry the papers' ``y``, fitted
+    to ``f / lambda + g``: it approaches the optimistic lower solution (the
     lower minimiser best for ``f``) as ``lambda`` grows, the one to report
-    when lower solutions are not unique. It is ``state.y_penalized``.
+    when lower solutions are not unique. It is ``state.y_penalized``. The
+    exception: ``lvhba`` with lower constraints has no lower iterate of its
+    own, and its ``y`` is the paper's (the same array as ``y_penalized``).
     """
     return getattr(self.state, "y_penalized", None)
 
