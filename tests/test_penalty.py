@@ -145,10 +145,10 @@ class TestPenalty:
           penalty=weight, num_inner_steps=20)
       result = bilevel.run(solver, instance.x0, instance.y0, num_steps=1500)
       errors[weight] = _relative_error(result.x, instance.x_star)
-      # y reaches the optimistic lower solution, not just any point of the
-      # sphere.
-      distance = jnp.linalg.norm(result.state.y - instance.lower_solution(
-          result.x))
+      # The penalised point reaches the optimistic lower solution, not just
+      # any point of the sphere.
+      distance = jnp.linalg.norm(result.y_penalized
+                                 - instance.lower_solution(result.x))
       assert float(distance) < 0.2 / weight
     assert 7.0 < errors[10.0] / errors[100.0] < 13.0, errors
     assert errors[100.0] < 1e-3
@@ -168,7 +168,7 @@ class TestPenalty:
     step = jax.jit(solver.step)
     for _ in range(1000):
       state, info = step(state)
-      for variable in (state.y, state.z):
+      for variable in (state.y, state.y_penalized):
         assert float(jnp.min(variable)) >= 0.0
         assert float(jnp.max(variable)) <= 1.0
     # Error O(1/lambda) = 5e-4 here, active and inactive coordinates alike.
@@ -195,7 +195,8 @@ class TestPenalty:
         upper_grads=8, lower_grads=16, hvps=0, cross_products=0)
     result = bilevel.run(solver, instance.x0, instance.y0, num_steps=300)
     np.testing.assert_allclose(result.history.penalty, 50.0)
-    # y minimises f/lambda + g, z minimises g: 0 <= g(y) - g(z) = O(1/lambda).
+    # y_penalized minimises f/lambda + g, y minimises g:
+    # 0 <= g(y_penalized) - g(y) = O(1/lambda).
     gap = float(result.history.lower_gap[-1])
     assert 0.0 <= gap < 1.0 / 50.0
     # The hypergradient is that of psi_lambda at a stationary point: ~0.
@@ -215,7 +216,8 @@ class TestPenalty:
       # Recompute h_k at the converged inner iterates from the state.
       new_state, _ = solver.step(state)
       hypergradient, _, _ = bilevel.solvers._penalty.penalty_hypergradient(
-          instance.problem, x, new_state.y, new_state.z, weight, None, None)
+          instance.problem, x, new_state.y_penalized, new_state.y, weight,
+          None, None)
       errors.append(float(jnp.linalg.norm(hypergradient - exact)))
     assert errors[1] < errors[0] / 7 and errors[2] < errors[1] / 7, errors
 
@@ -349,6 +351,7 @@ class TestF2SA:
                                   lower_step_size=gamma0, penalty=lambda0,
                                   num_inner_steps=2, schedule_offset=offset)
     state = solver.init(instance.x0, instance.y0)
+    # The paper's names: its y is state.y_penalized, its z is state.y.
     x, y, z = instance.x0, instance.y0, instance.y0
     grad = lambda fun, arg: jax.grad(fun, arg)
     for k in range(6):
@@ -369,8 +372,8 @@ class TestF2SA:
       # The schedules are computed in float32.
       np.testing.assert_allclose(info.penalty, lam, rtol=1e-6)
       np.testing.assert_allclose(state.x, x, rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(state.y, y, rtol=1e-5, atol=1e-6)
-      np.testing.assert_allclose(state.z, z, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.y_penalized, y, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(state.y, z, rtol=1e-5, atol=1e-6)
 
   def test_larger_initial_penalty_smaller_bias(self):
     instance = _quadratic()
@@ -484,14 +487,15 @@ class TestPenaltyMomentum:
     upper_batch, sampler = _data.sample(state1.sampler, data, "upper")
     lower_batch, _ = _data.sample(sampler, data, "lower")
 
-    def oracles(x, y, z):
-      fx, fy = jax.grad(problem.upper, (0, 1))(x, y, upper_batch)
+    def oracles(x, y_penalized, y):
+      fx, fy = jax.grad(problem.upper, (0, 1))(x, y_penalized, upper_batch)
+      gx_p, gy_p = jax.grad(problem.lower, (0, 1))(x, y_penalized,
+                                                   lower_batch)
       gx_y, gy_y = jax.grad(problem.lower, (0, 1))(x, y, lower_batch)
-      gx_z, gy_z = jax.grad(problem.lower, (0, 1))(x, z, lower_batch)
-      return fx, gx_y, gx_z, fy, gy_y, gy_z
+      return fx, gx_p, gx_y, fy, gy_p, gy_y
 
-    now = oracles(state1.x, state1.y, state1.z)
-    before = oracles(state0.x, state0.y, state0.z)
+    now = oracles(state1.x, state1.y_penalized, state1.y)
+    before = oracles(state0.x, state0.y_penalized, state0.y)
     expected = [d + (1 - a) * (old - prev) for d, old, prev in zip(
         now, state1.estimates, before)]
     for got, want in zip(state2.estimates, expected):
@@ -500,13 +504,13 @@ class TestPenaltyMomentum:
     assert max(float(jnp.max(jnp.abs(old - prev))) for old, prev in zip(
         state1.estimates, before)) > 1e-6
     # ... and the steps combine the estimates with the step's penalty.
-    fx, gx_y, gx_z, fy, gy_y, gy_z = expected
+    fx, gx_p, gx_y, fy, gy_p, gy_y = expected
     lam = weights[1]
     np.testing.assert_allclose(state2.x, state1.x - 0.1 * (
-        fx + lam * (gx_y - gx_z)), rtol=1e-12)
-    np.testing.assert_allclose(state2.y, state1.y - 0.3 * (
-        fy / lam + gy_y), rtol=1e-12)
-    np.testing.assert_allclose(state2.z, state1.z - 0.3 * gy_z, rtol=1e-12)
+        fx + lam * (gx_p - gx_y)), rtol=1e-12)
+    np.testing.assert_allclose(state2.y_penalized, state1.y_penalized - 0.3 * (
+        fy / lam + gy_p), rtol=1e-12)
+    np.testing.assert_allclose(state2.y, state1.y - 0.3 * gy_y, rtol=1e-12)
 
   def test_exact_directions_while_the_penalty_grows(self):
     # Deterministic oracles: every STORM estimate is the exact gradient, so
@@ -526,17 +530,17 @@ class TestPenaltyMomentum:
     for k in range(200):
       new_state, info = step(state)
       if k in (10, 199):
-        x, y, z = state.x, state.y, state.z
+        x, y_p, y = state.x, state.y_penalized, state.y
         lam = schedule(k)
         np.testing.assert_allclose(info.penalty, lam, rtol=1e-15)
-        fx, fy = jax.grad(problem.upper, (0, 1))(x, y, None)
+        fx, fy = jax.grad(problem.upper, (0, 1))(x, y_p, None)
+        gx_p, gy_p = jax.grad(problem.lower, (0, 1))(x, y_p, None)
         gx_y, gy_y = jax.grad(problem.lower, (0, 1))(x, y, None)
-        gx_z, gy_z = jax.grad(problem.lower, (0, 1))(x, z, None)
-        exact = (fx + lam * (gx_y - gx_z), fy / lam + gy_y, gy_z)
+        exact = (fx + lam * (gx_p - gx_y), fy / lam + gy_p, gy_y)
         # The directions the steps took, read off the iterates ...
         used = ((x - new_state.x) / upper_step,
-                (y - new_state.y) / lower_step,
-                (z - new_state.z) / lower_step)
+                (y_p - new_state.y_penalized) / lower_step,
+                (y - new_state.y) / lower_step)
         # ... and the solver's own combination of its estimates.
         combined = bilevel.solvers._penalty.penalty_directions(
             new_state.estimates, lam)
@@ -597,7 +601,7 @@ class TestPenaltyMomentum:
     step = jax.jit(solver.step)
     for _ in range(2000):
       state, _ = step(state)
-      for variable in (state.y, state.z):
+      for variable in (state.y, state.y_penalized):
         assert 0.0 <= float(jnp.min(variable))
         assert float(jnp.max(variable)) <= 1.0
     assert float(jnp.max(jnp.abs(state.x - instance.x_star))) < 2e-2

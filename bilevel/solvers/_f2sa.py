@@ -1,8 +1,8 @@
 r"""F2SA: fully first-order stochastic approximation (Kwon et al., ICML 2023).
 
 The same value-function penalty as :func:`bilevel.solvers.penalty`,
-:math:`\mathcal{L}_\lambda(x, y) = f(x, y) + \lambda (g(x, y) - \min_z g(x,
-z))`, for an unconstrained, strongly convex lower level, with the penalty
+:math:`\mathcal{L}_\lambda(x, y) = f(x, y) + \lambda (g(x, y) - \min_{y'}
+g(x, y'))`, for an unconstrained, strongly convex lower level, with the penalty
 weight and every step size on polynomial schedules of the outer step
 :math:`k` (:math:`s_k = 1 + k / k_0`):
 
@@ -14,22 +14,26 @@ weight and every step size on polynomial schedules of the outer step
        s_k^{-5/7}, \quad
    \xi \alpha_k = \eta_0 s_k^{-5/7},
 
-and at outer step :math:`k`
+and at outer step :math:`k`, with ``y`` the iterate of the lower problem
+alone (the paper's :math:`z`) and :math:`\tilde y` = ``y_penalized`` the
+penalised iterate (the paper's :math:`y`):
 
 .. math::
 
    &\text{repeat } T \text{ times, fresh batches:} \\
-   &\qquad z \leftarrow z - \gamma_k \nabla_y g(x_k, z) \\
-   &\qquad y \leftarrow y - \alpha_k \bigl(\nabla_y f(x_k, y)
-        + \lambda_k \nabla_y g(x_k, y)\bigr) \\
-   &x_{k+1} = \Pi_X\Bigl(x_k - \xi \alpha_k \bigl[\nabla_x f(x_k, y)
-        + \lambda_k \bigl(\nabla_x g(x_k, y) - \nabla_x g(x_k, z)\bigr)
-        \bigr]\Bigr).
+   &\qquad y \leftarrow y - \gamma_k \nabla_y g(x_k, y) \\
+   &\qquad \tilde y \leftarrow \tilde y - \alpha_k \bigl(\nabla_y f(x_k,
+        \tilde y) + \lambda_k \nabla_y g(x_k, \tilde y)\bigr) \\
+   &x_{k+1} = \Pi_X\Bigl(x_k - \xi \alpha_k \bigl[\nabla_x f(x_k, \tilde y)
+        + \lambda_k \bigl(\nabla_x g(x_k, \tilde y) - \nabla_x g(x_k, y)
+        \bigr)\bigr]\Bigr).
 
-:math:`\alpha_k \lambda_k = \gamma_k`: ``y`` and ``z`` see the same step on
-``g``, so ``lower_step_size`` is a plain lower step size whatever
-:math:`\lambda`. The exponents give :math:`\lambda_k \to \infty` (the bias
-:math:`O(1/\lambda_k)` vanishes) slowly enough for the inner iterates to
+:math:`\alpha_k \lambda_k = \gamma_k`: ``y_penalized`` and ``y`` see the
+same step on ``g``, so ``lower_step_size`` is a plain lower step size
+whatever :math:`\lambda`. ``y`` never sees the upper data and is what
+:func:`bilevel.run` reports as ``result.y``; ``y_penalized`` is
+``result.y_penalized``. The exponents give :math:`\lambda_k \to \infty` (the
+bias :math:`O(1/\lambda_k)` vanishes) slowly enough for the inner iterates to
 follow. As we read the paper, these exponents are its schedule for noisy
 gradients at both levels, where it proves :math:`\epsilon^{-7/2}`
 iterations; it proves :math:`\epsilon^{-5/2}` and :math:`\epsilon^{-3/2}`
@@ -60,11 +64,12 @@ penalty_power=0, lower_power=0`` (constant :math:`\lambda` and steps)
 reaches 1.7e-8 (:math:`\kappa = 2`) and 2.3e-7 (:math:`\kappa = 100`) in
 5000 steps; with minibatches it leaves only the noise of constant steps
 (2.4e-3 and 1.1e-3 for the last iterate, 2.6e-4 and 2e-5 for the average of
-the last 2500): ``y`` and ``z`` step on the same lower batch, and on these
-problems (additive noise) its noise cancels in their difference. Take
+the last 2500): ``y_penalized`` and ``y`` step on the same lower batch, and
+on these problems (additive noise) its noise cancels in their difference. Take
 :math:`\lambda \ge 1/(\epsilon \mu)` for accuracy :math:`\epsilon`. This
-needs float64: in float32 the difference of the lower gradients at ``y``
-and ``z``, of relative size :math:`1/\lambda`, is lost to rounding, and
+needs float64: in float32 the difference of the lower gradients at
+``y_penalized`` and ``y``, of relative size :math:`1/\lambda`, is lost to
+rounding, and
 :math:`\lambda = 10^4` is about the best (2.1e-4 and 2.3e-3 measured;
 :math:`10^8` gives 0.70 and 0.09). ``tests/test_defaults.py`` checks the
 bias of the defaults against the closed form and the constant penalty.
@@ -74,8 +79,8 @@ where we follow the paper: it grows the penalty additively, :math:`\lambda
 \leftarrow \lambda + 0.1 (k + 1)^{-1/7}`, so :math:`\lambda_k` grows like
 :math:`k^{6/7}` instead of :math:`k^{1/7}`, and it decays the ``x`` step
 with exponent 4/7 instead of 5/7. Like it (and unlike a third-party F2BA
-script that evaluates ``y``'s lower gradient at ``z``), every gradient here
-is taken at its own iterate.
+script that evaluates the penalised iterate's lower gradient at the lower
+iterate), every gradient here is taken at its own iterate.
 
 References:
   Kwon, Kwon, Wright & Nowak, "A fully first-order method for stochastic
@@ -108,13 +113,22 @@ def f2sa(problem: Problem, *, upper_step_size: float = 0.2,
          ) -> _base.BilevelSolver:
   r"""F2SA with the paper's polynomial schedules (see the module docstring).
 
+  **Which y to use.** ``y`` (``state.y``, ``result.y``) descends ``g``
+  alone and never saw the upper data: it is the model to evaluate or
+  deploy. ``y_penalized`` (``state.y_penalized``, ``result.y_penalized``)
+  descends :math:`f + \lambda g` and has trained on the upper data; it
+  approaches the optimistic lower solution (the lower minimiser best for
+  ``f``) as :math:`\lambda` grows, the one to report when the lower
+  solutions are not unique. ``init(x, y0)`` starts both at ``y0``.
+
   Args:
     problem: the bilevel problem (lower level strongly convex in ``y``;
-      ``project_x`` is applied to ``x``, ``project_y`` to ``y`` and ``z``).
+      ``project_x`` is applied to ``x``, ``project_y`` to ``y`` and
+      ``y_penalized``).
     upper_step_size: :math:`\eta_0 = \xi \alpha_0`, the ``x`` step at
       :math:`k = 0`.
-    lower_step_size: :math:`\gamma_0`, the ``z`` step (and ``y``'s step on
-      ``g``) at :math:`k = 0`.
+    lower_step_size: :math:`\gamma_0`, the ``y`` step (and
+      ``y_penalized``'s step on ``g``) at :math:`k = 0`.
     penalty: :math:`\lambda_0`. The default 10 is ours: with
       :math:`\lambda_k` growing like :math:`k^{1/7}` (a factor 2.1 over
       2000 outer steps from :math:`k_0 = 10`), the starting value sets the
@@ -128,8 +142,9 @@ def f2sa(problem: Problem, *, upper_step_size: float = 0.2,
     schedule_offset: :math:`k_0`: the schedules start to decay after about
       :math:`k_0` outer steps.
     penalty_power: exponent of :math:`\lambda_k` (1/7).
-    lower_power: decay exponent of :math:`\gamma_k` (4/7); ``y``'s and
-      ``x``'s steps decay with ``penalty_power + lower_power`` (5/7).
+    lower_power: decay exponent of :math:`\gamma_k` (4/7);
+      ``y_penalized``'s and ``x``'s steps decay with ``penalty_power +
+      lower_power`` (5/7).
 
   Returns:
     A :class:`bilevel.BilevelSolver` with :class:`PenaltyState` and
@@ -153,30 +168,32 @@ def f2sa(problem: Problem, *, upper_step_size: float = 0.2,
 
   def init(x, y, *, key=None, data=None) -> PenaltyState:
     sampler = _base.prepare(problem, x, y, data, key)
-    return PenaltyState(x=x, y=y, z=y, upper_opt_state=_EMPTY,
-                        y_opt_state=_EMPTY, z_opt_state=_EMPTY,
+    return PenaltyState(x=x, y=y, y_penalized=y, upper_opt_state=_EMPTY,
+                        y_opt_state=_EMPTY, y_penalized_opt_state=_EMPTY,
                         sampler=sampler, num_steps=jnp.zeros((), jnp.int32))
 
   def step(state: PenaltyState, data=None):
     _base.check_step_data(state.sampler, data)
     x = state.x
     weight, lower, upper = schedules(state.num_steps)
-    y, z, _, _, sampler, lower_grad_norm = inner_loop(
+    y_penalized, y, _, _, sampler, lower_grad_norm = inner_loop(
         problem, optax.scale(-lower / weight), optax.scale(-lower), x,
-        state.y, state.z, _EMPTY, _EMPTY, state.sampler, data,
+        state.y_penalized, state.y, _EMPTY, _EMPTY, state.sampler, data,
         num_inner_steps, upper_weight=1.0, lower_weight=weight)
     upper_batch, sampler = _data.sample(sampler, data, "upper")
     lower_batch, sampler = _data.sample(sampler, data, "lower")
     hypergradient, upper_loss, lower_gap = penalty_hypergradient(
-        problem, x, y, z, weight, upper_batch, lower_batch)
+        problem, x, y_penalized, y, weight, upper_batch, lower_batch)
     x, _ = _base.update_x(problem, optax.scale(-upper), hypergradient,
                           _EMPTY, x)
     info = PenaltyInfo(
         upper_loss=upper_loss, lower_grad_norm=lower_grad_norm,
         hypergradient_norm=optax.tree.norm(hypergradient),
         penalty=jnp.asarray(weight, upper_loss.dtype), lower_gap=lower_gap)
-    return PenaltyState(x, y, z, _EMPTY, _EMPTY, _EMPTY, sampler,
-                        state.num_steps + 1), info
+    return PenaltyState(
+        x=x, y=y, y_penalized=y_penalized, upper_opt_state=_EMPTY,
+        y_opt_state=_EMPTY, y_penalized_opt_state=_EMPTY, sampler=sampler,
+        num_steps=state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(
       upper_grads=num_inner_steps + 1,

@@ -7,27 +7,34 @@ value), is approximated by the value-function penalty
 .. math::
 
    \psi_\lambda(x) = \min_{y \in Y} \Bigl[f(x, y) + \lambda \bigl(g(x, y)
-       - \min_{z \in Y} g(x, z)\bigr)\Bigr],
+       - \min_{y' \in Y} g(x, y')\bigr)\Bigr],
 
 whose gradient needs first derivatives only (Danskin):
 
 .. math::
 
    \nabla \psi_\lambda(x) = \nabla_x f(x, y_\lambda) + \lambda \bigl(
-       \nabla_x g(x, y_\lambda) - \nabla_x g(x, z^*)\bigr),
+       \nabla_x g(x, y_\lambda) - \nabla_x g(x, y^*)\bigr),
    \qquad y_\lambda = \arg\min_{y \in Y} f + \lambda g, \quad
-   z^* = \arg\min_{z \in Y} g.
+   y^* \in \arg\min_{y \in Y} g.
 
 Under a proximal error bound of the lower level,
 :math:`|\psi_\lambda - \psi| = O(1/\lambda)` and
 :math:`\|\nabla\psi_\lambda - \nabla\psi\| = O(1/\lambda)`, with several lower
 solutions allowed.
 
+**Names.** The solvers keep two lower iterates. ``y`` tracks :math:`y^*`:
+it descends ``g`` alone, is a model of ``g(x, .)`` that never saw the upper
+data, and is what :func:`bilevel.run` reports as ``result.y`` (the paper's
+:math:`z`). ``y_penalized``, written :math:`\tilde y` below, tracks
+:math:`y_\lambda`: it descends :math:`f/\lambda + g`, so it has trained on
+the upper data (the paper's :math:`y`; ``result.y_penalized``).
+
 **Parameterisation.** This library uses the penalty weight
 :math:`\lambda = 1/\sigma` throughout (``penalty``); the paper writes
 :math:`h_\sigma = \sigma f + g` and :math:`\psi_\sigma = (l(x, \sigma) -
 l(x, 0)) / \sigma`, which is :math:`\psi_\lambda` at :math:`\lambda =
-1/\sigma`. The ``y`` iterate descends :math:`h_\sigma = f / \lambda + g`
+1/\sigma`. ``y_penalized`` descends :math:`h_\sigma = f / \lambda + g`
 (the paper's scaling), so ``lower_optimizer`` keeps the meaning of a lower
 step size whatever :math:`\lambda`: the conditioning of :math:`h_\sigma`
 tends to that of ``g`` as :math:`\lambda` grows.
@@ -38,28 +45,31 @@ Double loop (the paper's Algorithm 1), at outer step :math:`k` with
 .. math::
 
    &\text{repeat } T \text{ times, one fresh lower and upper batch each:} \\
-   &\qquad y \leftarrow \Pi_Y\bigl(y - \text{step}(\nabla_y f(x_k, y)/\lambda_k
-          + \nabla_y g(x_k, y))\bigr) \\
-   &\qquad z \leftarrow \Pi_Y\bigl(z - \text{step}(\nabla_y g(x_k, z))\bigr) \\
-   &h_k = \nabla_x f(x_k, y) + \lambda_k\bigl(\nabla_x g(x_k, y)
-          - \nabla_x g(x_k, z)\bigr) \\
+   &\qquad \tilde y \leftarrow \Pi_Y\bigl(\tilde y - \text{step}(\nabla_y
+          f(x_k, \tilde y)/\lambda_k + \nabla_y g(x_k, \tilde y))\bigr) \\
+   &\qquad y \leftarrow \Pi_Y\bigl(y - \text{step}(\nabla_y g(x_k, y))\bigr)
+          \\
+   &h_k = \nabla_x f(x_k, \tilde y) + \lambda_k\bigl(\nabla_x g(x_k, \tilde
+          y) - \nabla_x g(x_k, y)\bigr) \\
    &x_{k+1} = \Pi_X(\text{upper optimizer step along } h_k)
 
-``y`` and ``z`` are warm-started from the previous outer step, and both are
-projected onto ``Y`` (``Problem.project_y``): without the projection of
-``z`` the subtracted term is not :math:`\min_{z \in Y} g`. In the outer step
-the two lower gradients are taken on the same batch, and so are ``y``'s and
-``z``'s steps in the inner loop: their difference, multiplied by
-:math:`\lambda`, is what matters, and common samples keep its variance small.
+``y_penalized`` and ``y`` are warm-started from the previous outer step,
+and both are projected onto ``Y`` (``Problem.project_y``): without the
+projection of ``y`` the subtracted term is not :math:`\min_{y' \in Y} g`. In
+the outer step the two lower gradients are taken on the same batch, and so
+are the steps of ``y_penalized`` and ``y`` in the inner loop: their
+difference, multiplied by :math:`\lambda`, is what matters, and common
+samples keep its variance small.
 
 **Penalty schedule.** The analysis fixes :math:`\sigma = O(\epsilon)`.
 :func:`penalty_schedule` grows :math:`\lambda` geometrically from
 ``initial`` to ``final`` over ``num_steps`` outer steps (``sigma`` halves
 every ``num_steps * log 2 / log(final / initial)`` steps) and then holds it;
 a fixed number is also accepted. Growing matters where the lower level has
-several minimisers: ``y`` reaches the optimistic one by descending
+several minimisers: ``y_penalized`` reaches the optimistic one by descending
 :math:`f/\lambda` along the lower solution set, at a rate that falls like
-:math:`1/\lambda`, so it gets there while :math:`\lambda` is small. The
+:math:`1/\lambda`, so it gets there while :math:`\lambda` is small (``y``
+never moves along that set: ``g`` is flat there). The
 initial value must keep the steps on :math:`f/\lambda_0 + g` stable: with
 ``lower_optimizer = 0.5``, :math:`L_f/\lambda_0 + L_g < 4` (the default
 :math:`\lambda_0 = 10`; from :math:`\lambda_0 = 1`, the double loop
@@ -87,10 +97,11 @@ so :math:`c` = 1.7, 4.1, 23 and 118: :math:`c \lambda^{-1}` lies between
 :math:`0.1/(\lambda\mu)` and :math:`0.9/(\lambda\mu)` (about
 :math:`1/(\lambda \mu^{3/4})` on this family). The final penalty is the
 hyperparameter that removes the bias: each tenfold increase divides it by
-ten, at the price of slower progress of ``y`` along a lower solution set
-(above) and of the cancellation in :math:`\lambda(\nabla_x g(x, y) -
-\nabla_x g(x, z))`, whose rounding error grows like :math:`\lambda` times
-the unit roundoff (keep :math:`\lambda \lesssim 10^4` in float32).
+ten, at the price of slower progress of ``y_penalized`` along a lower
+solution set (above) and of the cancellation in :math:`\lambda(\nabla_x
+g(x, \tilde y) - \nabla_x g(x, y))`, whose rounding error grows like
+:math:`\lambda` times the unit roundoff (keep :math:`\lambda \lesssim 10^4`
+in float32).
 
 References:
   Kwon, Kwon, Wright & Nowak, "On penalty methods for nonconvex bilevel
@@ -119,21 +130,23 @@ class PenaltyState(NamedTuple):
 
   Attributes:
     x: upper variable.
-    y: the penalised iterate, minimising :math:`f/\\lambda + g` (what
-      :func:`bilevel.run` reports as ``result.y``).
-    z: the pure lower iterate, minimising the lower objective ``g``.
+    y: the lower iterate, descending the lower objective ``g`` alone (the
+      paper's :math:`z`): a model that never saw the upper data, what
+      :func:`bilevel.run` reports as ``result.y``.
+    y_penalized: the penalised iterate, descending :math:`f/\\lambda + g`
+      (the paper's :math:`y`; ``result.y_penalized``).
     upper_opt_state: state of the upper optimizer.
     y_opt_state: state of ``y``'s optimizer.
-    z_opt_state: state of ``z``'s optimizer.
+    y_penalized_opt_state: state of ``y_penalized``'s optimizer.
     sampler: minibatch sampler.
     num_steps: outer steps taken.
   """
   x: PyTree
   y: PyTree
-  z: PyTree
+  y_penalized: PyTree
   upper_opt_state: PyTree
   y_opt_state: PyTree
-  z_opt_state: PyTree
+  y_penalized_opt_state: PyTree
   sampler: _data.SamplerState
   num_steps: jax.Array
 
@@ -142,14 +155,15 @@ class PenaltyInfo(NamedTuple):
   r"""Diagnostics of one outer step.
 
   Attributes:
-    upper_loss: ``f(x_k, y)`` on the upper batch of the outer step.
-    lower_grad_norm: :math:`\|\nabla_y g(x_k, z)\|` before ``z``'s last
+    upper_loss: ``f(x_k, y_penalized)`` on the upper batch of the outer
+      step.
+    lower_grad_norm: :math:`\|\nabla_y g(x_k, y)\|` before ``y``'s last
       inner step.
     hypergradient_norm: :math:`\|h_k\|`.
     penalty: :math:`\lambda_k`.
-    lower_gap: :math:`g(x_k, y) - g(x_k, z)` on the outer lower batch, the
-      lower-level suboptimality of ``y`` (about :math:`O(1/\lambda)` when
-      both inner problems are solved).
+    lower_gap: ``g(x_k, y_penalized) - g(x_k, y)`` on the outer lower
+      batch, the lower-level suboptimality of ``y_penalized`` (about
+      :math:`O(1/\lambda)` when both inner problems are solved).
   """
   upper_loss: jax.Array
   lower_grad_norm: jax.Array
@@ -191,31 +205,33 @@ def penalty_schedule(initial: float = 10.0, final: float = 1e4,
   return schedule
 
 
-def penalised_grads(problem: Problem, x: PyTree, y: PyTree, z: PyTree,
-                    upper_batch, lower_batch, *, upper_weight,
+def penalised_grads(problem: Problem, x: PyTree, y_penalized: PyTree,
+                    y: PyTree, upper_batch, lower_batch, *, upper_weight,
                     lower_weight):
   r"""The two inner directions on common batches.
 
   Returns:
-    ``(upper_weight * grad_y f(x, y) + lower_weight * grad_y g(x, y),
-    grad_y g(x, z))``; the penalty method passes ``(1 / lambda, 1)``, F2SA
-    ``(1, lambda)``.
+    ``(upper_weight * grad_y f(x, y_penalized) + lower_weight * grad_y g(x,
+    y_penalized), grad_y g(x, y))``; the penalty method passes ``(1 /
+    lambda, 1)``, F2SA ``(1, lambda)``.
   """
-  grad_y_f = jax.grad(problem.upper, 1)(x, y, upper_batch)
-  grad_y_g = derivatives.lower_grad(problem, x, y, lower_batch)
+  grad_y_f = jax.grad(problem.upper, 1)(x, y_penalized, upper_batch)
+  grad_y_g = derivatives.lower_grad(problem, x, y_penalized, lower_batch)
   direction = jax.tree.map(
       lambda a, b: (upper_weight * a + lower_weight * b).astype(a.dtype),
       grad_y_f, grad_y_g)
-  return direction, derivatives.lower_grad(problem, x, z, lower_batch)
+  return direction, derivatives.lower_grad(problem, x, y, lower_batch)
 
 
-def inner_loop(problem: Problem, y_optimizer, z_optimizer, x, y, z,
-               y_opt_state, z_opt_state, sampler, data, num_steps: int, *,
-               upper_weight, lower_weight):
-  """``num_steps`` projected steps of ``y`` and ``z`` (fresh batches each).
+def inner_loop(problem: Problem, y_penalized_optimizer, y_optimizer, x,
+               y_penalized, y, y_penalized_opt_state, y_opt_state, sampler,
+               data, num_steps: int, *, upper_weight, lower_weight):
+  """``num_steps`` projected steps of ``y_penalized`` and ``y`` (fresh
+  batches each).
 
   Returns:
-    ``(y, z, y_opt_state, z_opt_state, sampler, lower_grad_norm)``.
+    ``(y_penalized, y, y_penalized_opt_state, y_opt_state, sampler,
+    lower_grad_norm)``.
   """
   upper_fixed, upper_stack, sampler = _base.level_batches(
       sampler, data, "upper", num_steps)
@@ -223,42 +239,51 @@ def inner_loop(problem: Problem, y_optimizer, z_optimizer, x, y, z,
       sampler, data, "lower", num_steps)
 
   def body(carry, batches):
-    y_, z_, y_state, z_state, _ = carry
+    y_penalized_, y_, penalized_state, y_state, _ = carry
     upper_batch, lower_batch = batches
     upper_batch = upper_fixed if upper_stack is None else upper_batch
     lower_batch = lower_fixed if lower_stack is None else lower_batch
-    y_direction, z_direction = penalised_grads(
-        problem, x, y_, z_, upper_batch, lower_batch,
+    penalized_direction, y_direction = penalised_grads(
+        problem, x, y_penalized_, y_, upper_batch, lower_batch,
         upper_weight=upper_weight, lower_weight=lower_weight)
+    penalized_updates, penalized_state = y_penalized_optimizer.update(
+        penalized_direction, penalized_state, y_penalized_)
     y_updates, y_state = y_optimizer.update(y_direction, y_state, y_)
-    z_updates, z_state = z_optimizer.update(z_direction, z_state, z_)
+    y_penalized_ = problem.projected_y(
+        optax.apply_updates(y_penalized_, penalized_updates))
     y_ = problem.projected_y(optax.apply_updates(y_, y_updates))
-    z_ = problem.projected_y(optax.apply_updates(z_, z_updates))
-    return (y_, z_, y_state, z_state, optax.tree.norm(z_direction)), None
+    return (y_penalized_, y_, penalized_state, y_state,
+            optax.tree.norm(y_direction)), None
 
-  init = (y, z, y_opt_state, z_opt_state, optax.tree.norm(z) * 0.0)
-  (y, z, y_opt_state, z_opt_state, grad_norm), _ = jax.lax.scan(
-      body, init, (upper_stack, lower_stack), length=num_steps)
-  return y, z, y_opt_state, z_opt_state, sampler, grad_norm
+  init = (y_penalized, y, y_penalized_opt_state, y_opt_state,
+          optax.tree.norm(y) * 0.0)
+  (y_penalized, y, y_penalized_opt_state, y_opt_state, grad_norm), _ = (
+      jax.lax.scan(body, init, (upper_stack, lower_stack), length=num_steps))
+  return (y_penalized, y, y_penalized_opt_state, y_opt_state, sampler,
+          grad_norm)
 
 
-def penalty_hypergradient(problem: Problem, x, y, z, penalty_weight,
-                          upper_batch, lower_batch):
-  r""":math:`\nabla_x f(x, y) + \lambda (\nabla_x g(x, y) - \nabla_x g(x, z))`.
+def penalty_hypergradient(problem: Problem, x, y_penalized, y,
+                          penalty_weight, upper_batch, lower_batch):
+  r""":math:`\nabla_x f(x, \tilde y) + \lambda (\nabla_x g(x, \tilde y) -
+  \nabla_x g(x, y))` with :math:`\tilde y` = ``y_penalized``.
 
   Both lower gradients on ``lower_batch``.
 
   Returns:
-    ``(hypergradient, upper_loss, lower_gap)`` with ``lower_gap = g(x, y) -
-    g(x, z)`` on the batch.
+    ``(hypergradient, upper_loss, lower_gap)`` with ``upper_loss = f(x,
+    y_penalized)`` and ``lower_gap = g(x, y_penalized) - g(x, y)`` on the
+    batches.
   """
-  upper_loss, grad_x_f = jax.value_and_grad(problem.upper)(x, y, upper_batch)
+  upper_loss, grad_x_f = jax.value_and_grad(problem.upper)(
+      x, y_penalized, upper_batch)
+  g_penalized, grad_x_g_penalized = jax.value_and_grad(problem.lower)(
+      x, y_penalized, lower_batch)
   g_y, grad_x_g_y = jax.value_and_grad(problem.lower)(x, y, lower_batch)
-  g_z, grad_x_g_z = jax.value_and_grad(problem.lower)(x, z, lower_batch)
   hypergradient = jax.tree.map(
       lambda f_, a, b: (f_ + penalty_weight * (a - b)).astype(f_.dtype),
-      grad_x_f, grad_x_g_y, grad_x_g_z)
-  return hypergradient, upper_loss, g_y - g_z
+      grad_x_f, grad_x_g_penalized, grad_x_g_y)
+  return hypergradient, upper_loss, g_penalized - g_y
 
 
 def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
@@ -280,10 +305,15 @@ def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
   solution sets allow (``penalty_schedule(10.0, 1e5, 1000)``: 2.3e-4
   at :math:`\mu = 1/100` in float64).
 
-  **Which iterate is which.** ``state.z`` is the pure lower iterate (it
-  descends ``g`` only, an approximation of :math:`y^*(x)`); ``state.y``,
-  which :func:`bilevel.run` reports as ``result.y``, is the penalised one,
-  :math:`O(1/\lambda)` away from the lower solution set.
+  **Which y to use.** ``y`` (``state.y``, ``result.y``) descends ``g``
+  alone and never saw the upper data: it is the model to evaluate or
+  deploy. ``y_penalized`` (``state.y_penalized``, ``result.y_penalized``)
+  has trained on the upper data through :math:`f/\lambda`; it stays
+  :math:`O(1/\lambda)` off the lower solution set and approaches the
+  optimistic lower solution (the lower minimiser best for ``f``) as
+  :math:`\lambda` grows: report it when the lower solutions are not unique,
+  where ``y`` stays at the minimiser its start leads to. ``init(x, y0)``
+  starts both at ``y0``.
 
   Args:
     problem: the bilevel problem; ``project_x`` and ``project_y`` are the
@@ -292,8 +322,8 @@ def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
       Lower-level constraints coupling ``x`` and ``y`` are refused.
     upper_optimizer: optax optimizer, step size or schedule for ``x``.
     lower_optimizer: optax optimizer, step size or schedule for the inner
-      steps of ``y`` (on :math:`f/\lambda + g`) and ``z`` (on ``g``); each
-      keeps its own state, warm-started across outer steps.
+      steps of ``y_penalized`` (on :math:`f/\lambda + g`) and ``y`` (on
+      ``g``); each keeps its own state, warm-started across outer steps.
     penalty: :math:`\lambda_k`, a positive number or a schedule of the outer
       step; default ``penalty_schedule(10.0, 1e4, 1000)``.
     num_inner_steps: ``T``, inner steps per outer step.
@@ -313,23 +343,25 @@ def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
   def init(x, y, *, key=None, data=None) -> PenaltyState:
     sampler = _base.prepare(problem, x, y, data, key)
     return PenaltyState(
-        x=x, y=y, z=y, upper_opt_state=upper_optimizer.init(x),
+        x=x, y=y, y_penalized=y, upper_opt_state=upper_optimizer.init(x),
         y_opt_state=lower_optimizer.init(y),
-        z_opt_state=lower_optimizer.init(y), sampler=sampler,
+        y_penalized_opt_state=lower_optimizer.init(y), sampler=sampler,
         num_steps=jnp.zeros((), jnp.int32))
 
   def step(state: PenaltyState, data=None):
     _base.check_step_data(state.sampler, data)
     x = state.x
     weight = penalty_fn(state.num_steps)
-    y, z, y_opt_state, z_opt_state, sampler, lower_grad_norm = inner_loop(
-        problem, lower_optimizer, lower_optimizer, x, state.y, state.z,
-        state.y_opt_state, state.z_opt_state, state.sampler, data,
-        num_inner_steps, upper_weight=1.0 / weight, lower_weight=1.0)
+    (y_penalized, y, y_penalized_opt_state, y_opt_state, sampler,
+     lower_grad_norm) = inner_loop(
+         problem, lower_optimizer, lower_optimizer, x, state.y_penalized,
+         state.y, state.y_penalized_opt_state, state.y_opt_state,
+         state.sampler, data, num_inner_steps, upper_weight=1.0 / weight,
+         lower_weight=1.0)
     upper_batch, sampler = _data.sample(sampler, data, "upper")
     lower_batch, sampler = _data.sample(sampler, data, "lower")
     hypergradient, upper_loss, lower_gap = penalty_hypergradient(
-        problem, x, y, z, weight, upper_batch, lower_batch)
+        problem, x, y_penalized, y, weight, upper_batch, lower_batch)
     x, upper_opt_state = _base.update_x(problem, upper_optimizer,
                                         hypergradient, state.upper_opt_state,
                                         x)
@@ -338,8 +370,10 @@ def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
         hypergradient_norm=optax.tree.norm(hypergradient),
         penalty=jnp.asarray(weight, upper_loss.dtype),
         lower_gap=lower_gap)
-    return PenaltyState(x, y, z, upper_opt_state, y_opt_state, z_opt_state,
-                        sampler, state.num_steps + 1), info
+    return PenaltyState(
+        x=x, y=y, y_penalized=y_penalized, upper_opt_state=upper_opt_state,
+        y_opt_state=y_opt_state, y_penalized_opt_state=y_penalized_opt_state,
+        sampler=sampler, num_steps=state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(
       upper_grads=num_inner_steps + 1,
@@ -350,24 +384,24 @@ def penalty(problem: Problem, *, upper_optimizer: Any = 0.1,
 class PenaltyOracles(NamedTuple):
   r"""The six partial gradients the penalty directions are made of.
 
-  At one point :math:`(x, y, z)` and one sample; in
-  :class:`PenaltyMomentumState` each field holds the STORM estimate of that
-  oracle instead.
+  At one point :math:`(x, \tilde y, y)` (:math:`\tilde y` = ``y_penalized``)
+  and one sample; in :class:`PenaltyMomentumState` each field holds the
+  STORM estimate of that oracle instead.
 
   Attributes:
-    upper_x: :math:`\nabla_x f(x, y)`.
+    upper_x: :math:`\nabla_x f(x, \tilde y)`.
+    lower_x_at_y_penalized: :math:`\nabla_x g(x, \tilde y)`.
     lower_x_at_y: :math:`\nabla_x g(x, y)`.
-    lower_x_at_z: :math:`\nabla_x g(x, z)`.
-    upper_y: :math:`\nabla_y f(x, y)`.
+    upper_y: :math:`\nabla_y f(x, \tilde y)`.
+    lower_y_at_y_penalized: :math:`\nabla_y g(x, \tilde y)`.
     lower_y_at_y: :math:`\nabla_y g(x, y)`.
-    lower_y_at_z: :math:`\nabla_y g(x, z)`.
   """
   upper_x: PyTree
+  lower_x_at_y_penalized: PyTree
   lower_x_at_y: PyTree
-  lower_x_at_z: PyTree
   upper_y: PyTree
+  lower_y_at_y_penalized: PyTree
   lower_y_at_y: PyTree
-  lower_y_at_z: PyTree
 
 
 class PenaltyMomentumState(NamedTuple):
@@ -375,73 +409,85 @@ class PenaltyMomentumState(NamedTuple):
 
   Attributes:
     x: upper variable.
-    y: iterate of the penalised problem, descending :math:`f/\\lambda + g`.
-    z: iterate of the lower problem alone, descending ``g``: the pure lower
-      iterate (an approximate :math:`y^*(x)`; ``y`` is off it by
-      :math:`O(1/\\lambda)`).
-    previous: ``(x, y, z)`` of the step before, where the STORM corrections
-      evaluate the current sample.
+    y: iterate of the lower problem alone, descending ``g`` (the paper's
+      :math:`z`): an approximate :math:`y^*(x)` that never saw the upper
+      data, what :func:`bilevel.run` reports as ``result.y``.
+    y_penalized: iterate of the penalised problem, descending
+      :math:`f/\\lambda + g` (the paper's :math:`y`; off the lower solution
+      set by :math:`O(1/\\lambda)`; ``result.y_penalized``).
+    previous: ``(x, y_penalized, y)`` of the step before, where the STORM
+      corrections evaluate the current sample.
     estimates: :class:`PenaltyOracles`, one STORM estimate per oracle; the
       directions of the step are these combined with the step's
       :math:`\\lambda` (:func:`penalty_directions`).
-    upper_opt_state, y_opt_state, z_opt_state: optimizer states.
+    upper_opt_state, y_opt_state, y_penalized_opt_state: optimizer states
+      of ``x``, ``y`` and ``y_penalized``.
     sampler: minibatch sampler.
     num_steps: steps taken.
   """
   x: PyTree
   y: PyTree
-  z: PyTree
+  y_penalized: PyTree
   previous: tuple
   estimates: PenaltyOracles
   upper_opt_state: PyTree
   y_opt_state: PyTree
-  z_opt_state: PyTree
+  y_penalized_opt_state: PyTree
   sampler: _data.SamplerState
   num_steps: jax.Array
 
 
-def penalty_oracles(problem: Problem, x, y, z, upper_batch, lower_batch):
-  r"""The six partial gradients at ``(x, y, z)`` on one sample.
+def penalty_oracles(problem: Problem, x, y_penalized, y, upper_batch,
+                    lower_batch):
+  r"""The six partial gradients at ``(x, y_penalized, y)`` on one sample.
 
-  One backward pass each for ``f(x, y)``, ``g(x, y)`` and ``g(x, z)`` (each
-  gives both partials); both ``g`` terms on ``lower_batch``.
+  One backward pass each for ``f(x, y_penalized)``, ``g(x, y_penalized)``
+  and ``g(x, y)`` (each gives both partials); both ``g`` terms on
+  ``lower_batch``.
 
   Returns:
     ``(oracles, upper_loss, lower_gap)``: a :class:`PenaltyOracles`,
-    ``f(x, y)`` and ``g(x, y) - g(x, z)`` on the batches.
+    ``f(x, y_penalized)`` and ``g(x, y_penalized) - g(x, y)`` on the
+    batches.
   """
   upper_loss, (fx, fy) = jax.value_and_grad(problem.upper, (0, 1))(
-      x, y, upper_batch)
+      x, y_penalized, upper_batch)
+  g_penalized, (gx_penalized, gy_penalized) = jax.value_and_grad(
+      problem.lower, (0, 1))(x, y_penalized, lower_batch)
   g_y, (gx_y, gy_y) = jax.value_and_grad(problem.lower, (0, 1))(
       x, y, lower_batch)
-  g_z, (gx_z, gy_z) = jax.value_and_grad(problem.lower, (0, 1))(
-      x, z, lower_batch)
-  oracles = PenaltyOracles(upper_x=fx, lower_x_at_y=gx_y, lower_x_at_z=gx_z,
-                           upper_y=fy, lower_y_at_y=gy_y, lower_y_at_z=gy_z)
-  return oracles, upper_loss, g_y - g_z
+  oracles = PenaltyOracles(
+      upper_x=fx, lower_x_at_y_penalized=gx_penalized, lower_x_at_y=gx_y,
+      upper_y=fy, lower_y_at_y_penalized=gy_penalized, lower_y_at_y=gy_y)
+  return oracles, upper_loss, g_penalized - g_y
 
 
 def penalty_directions(oracles: PenaltyOracles, weight):
   r"""The three directions of the penalty method from its six oracles.
 
+  With :math:`\tilde y` = ``y_penalized``:
+
   .. math::
 
-     h_x = \nabla_x f + \lambda (\nabla_x g(y) - \nabla_x g(z)), \quad
-     h_y = \nabla_y f / \lambda + \nabla_y g(y), \quad
-     h_z = \nabla_y g(z).
+     h_x = \nabla_x f + \lambda (\nabla_x g(\tilde y) - \nabla_x g(y)),
+     \quad
+     h_{\tilde y} = \nabla_y f / \lambda + \nabla_y g(\tilde y), \quad
+     h_y = \nabla_y g(y).
 
   Args:
     oracles: a :class:`PenaltyOracles` (exact, sampled or estimated).
     weight: :math:`\lambda`.
 
   Returns:
-    ``(h_x, h_y, h_z)``.
+    ``(h_x, h_y_penalized, h_y)``.
   """
   h_x = jax.tree.map(lambda f_, a, b: (f_ + weight * (a - b)).astype(
-      f_.dtype), oracles.upper_x, oracles.lower_x_at_y, oracles.lower_x_at_z)
-  h_y = jax.tree.map(lambda f_, g_: (f_ / weight + g_).astype(f_.dtype),
-                     oracles.upper_y, oracles.lower_y_at_y)
-  return h_x, h_y, oracles.lower_y_at_z
+      f_.dtype), oracles.upper_x, oracles.lower_x_at_y_penalized,
+                     oracles.lower_x_at_y)
+  h_y_penalized = jax.tree.map(
+      lambda f_, g_: (f_ / weight + g_).astype(f_.dtype), oracles.upper_y,
+      oracles.lower_y_at_y_penalized)
+  return h_x, h_y_penalized, oracles.lower_y_at_y
 
 
 def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
@@ -450,11 +496,13 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
   r"""The single-loop, momentum-assisted penalty method (Kwon et al.).
 
   One sample per step (``O(1)`` batches) and one STORM estimate (Cutkosky &
-  Orabona, NeurIPS 2019) per oracle. With :math:`w = (x, y, z)`, sample
-  :math:`\xi_k`, penalty :math:`\lambda_k` and ``momentum`` :math:`a`, each
-  of the six partial gradients :math:`o \in \{\nabla_x f, \nabla_x g(\cdot,
-  y), \nabla_x g(\cdot, z), \nabla_y f, \nabla_y g(\cdot, y), \nabla_y
-  g(\cdot, z)\}` (:class:`PenaltyOracles`) is estimated by
+  Orabona, NeurIPS 2019) per oracle. With :math:`\tilde y` =
+  ``y_penalized`` (the paper's :math:`y`) and ``y`` the lower iterate (the
+  paper's :math:`z`), :math:`w = (x, \tilde y, y)`, sample :math:`\xi_k`,
+  penalty :math:`\lambda_k` and ``momentum`` :math:`a`, each of the six
+  partial gradients :math:`o \in \{\nabla_x f, \nabla_x g(\cdot, \tilde y),
+  \nabla_x g(\cdot, y), \nabla_y f, \nabla_y g(\cdot, \tilde y), \nabla_y
+  g(\cdot, y)\}` (:class:`PenaltyOracles`) is estimated by
 
   .. math::
 
@@ -466,12 +514,13 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
 
   .. math::
 
-     h_x &= d^{\nabla_x f}_k + \lambda_k\bigl(d^{\nabla_x g(y)}_k
-            - d^{\nabla_x g(z)}_k\bigr), \quad
-     h_y = d^{\nabla_y f}_k / \lambda_k + d^{\nabla_y g(y)}_k, \quad
-     h_z = d^{\nabla_y g(z)}_k, \\
-     z_{k+1} &= \Pi_Y(z_k - \text{step}(h_z)), \quad
-     y_{k+1} = \Pi_Y(y_k - \text{step}(h_y)), \quad
+     h_x &= d^{\nabla_x f}_k + \lambda_k\bigl(d^{\nabla_x g(\tilde y)}_k
+            - d^{\nabla_x g(y)}_k\bigr), \quad
+     h_{\tilde y} = d^{\nabla_y f}_k / \lambda_k
+            + d^{\nabla_y g(\tilde y)}_k, \quad
+     h_y = d^{\nabla_y g(y)}_k, \\
+     y_{k+1} &= \Pi_Y(y_k - \text{step}(h_y)), \quad
+     \tilde y_{k+1} = \Pi_Y(\tilde y_k - \text{step}(h_{\tilde y})), \quad
      x_{k+1} = \Pi_X(x_k - \text{step}(h_x)).
 
   Each estimate tracks one fixed function, so a change of :math:`\lambda`
@@ -487,8 +536,9 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
 
   The per-oracle recursion is the momentum-assisted estimator as the same
   authors define it in the appendix of their ICML 2023 paper (one
-  recursion for each of :math:`\nabla_y g(x, z)`, :math:`\nabla_y f(x, y)`,
-  :math:`\nabla_y g(x, y)`, ..., all at :math:`w_k`, each with its own
+  recursion for each of their :math:`\nabla_y g(x, z)`, :math:`\nabla_y
+  f(x, y)`, :math:`\nabla_y g(x, y)`, ..., all at :math:`w_k`, each with its
+  own
   sample). The ICLR 2024 abstract states that the single-loop method takes
   ``O(1)`` samples per iteration under mean-squared smoothness of the
   sampled gradients; we could not read its algorithm box, so that it uses
@@ -497,20 +547,22 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
 
   * one upper and one lower batch per step, shared by the oracles of the
     same level (one sample per oracle in the ICML 2023 estimators); the
-    lower gradients at ``y`` and at ``z`` on a common batch keep the
-    variance of their difference, multiplied by :math:`\lambda`, small;
+    lower gradients at ``y_penalized`` and at ``y`` on a common batch keep
+    the variance of their difference, multiplied by :math:`\lambda`,
+    small;
   * a constant ``momentum`` :math:`a` and optax step sizes, where the
     analysis uses decaying schedules;
-  * the parameterisation :math:`\lambda = 1/\sigma`, and ``y`` descends
-    :math:`f/\lambda + g` (module docstring).
+  * the parameterisation :math:`\lambda = 1/\sigma`, and ``y_penalized``
+    descends :math:`f/\lambda + g` (module docstring).
 
   **Defaults and bias.** :math:`\lambda` grows from 10 to :math:`10^3` over
   the first 2000 steps, which leaves the bias :math:`c/10^3` of the module
   docstring's table (2.3e-2 at :math:`\mu = 1/100`). A single loop makes
-  one ``y`` step per ``x`` step, so it pays more than :func:`penalty` for
-  a large or fast-growing :math:`\lambda`: ``y`` crosses a lower solution
-  set more slowly, and while :math:`\lambda` grows by a factor
-  :math:`1 + \delta` per step, :math:`\lambda (y - z)` lags its target
+  one ``y_penalized`` step per ``x`` step, so it pays more than
+  :func:`penalty` for a large or fast-growing :math:`\lambda`:
+  ``y_penalized`` crosses a lower solution set more slowly, and while
+  :math:`\lambda` grows by a factor :math:`1 + \delta` per step,
+  :math:`\lambda (\tilde y - y)` lags its target
   (on a quadratic, as if the lower curvature were shifted by
   :math:`\delta/\text{step}`).
   Measured after 5000 steps, relative error to ``x*`` on the quadratics of
@@ -526,16 +578,21 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
   the bias :math:`23/10^4`;
   :func:`penalty` gets there in 5000 steps with its defaults.
 
-  **Which iterate is which.** ``state.z`` is the pure lower iterate (it
-  descends ``g`` only, an approximation of :math:`y^*(x)`); ``state.y``,
-  which :func:`bilevel.run` reports as ``result.y``, is the penalised one,
-  :math:`O(1/\lambda)` away from the lower solution set.
+  **Which y to use.** ``y`` (``state.y``, ``result.y``) descends ``g``
+  alone and never saw the upper data: it is the model to evaluate or
+  deploy. ``y_penalized`` (``state.y_penalized``, ``result.y_penalized``)
+  has trained on the upper data through :math:`f/\lambda`; it stays
+  :math:`O(1/\lambda)` off the lower solution set and approaches the
+  optimistic lower solution (the lower minimiser best for ``f``) as
+  :math:`\lambda` grows: report it when the lower solutions are not unique,
+  where ``y`` stays at the minimiser its start leads to. ``init(x, y0)``
+  starts both at ``y0``.
 
   Args:
     problem: as for :func:`penalty`.
     upper_optimizer: optax optimizer, step size or schedule for ``x``.
-    lower_optimizer: the same for ``y`` (on :math:`f/\lambda + g`) and ``z``
-      (on ``g``), separate states.
+    lower_optimizer: the same for ``y_penalized`` (on :math:`f/\lambda +
+      g`) and ``y`` (on ``g``), separate states.
     penalty: :math:`\lambda_k`, a number or a schedule of the step; default
       ``penalty_schedule(10.0, 1e3, 2000)``.
     momentum: :math:`a \in (0, 1]`.
@@ -561,10 +618,10 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
     estimates = PenaltyOracles(zeros_x, zeros_x, zeros_x, zeros_y, zeros_y,
                                zeros_y)
     return PenaltyMomentumState(
-        x=x, y=y, z=y, previous=(x, y, y), estimates=estimates,
+        x=x, y=y, y_penalized=y, previous=(x, y, y), estimates=estimates,
         upper_opt_state=upper_optimizer.init(x),
         y_opt_state=lower_optimizer.init(y),
-        z_opt_state=lower_optimizer.init(y), sampler=sampler,
+        y_penalized_opt_state=lower_optimizer.init(y), sampler=sampler,
         num_steps=jnp.zeros((), jnp.int32))
 
   def step(state: PenaltyMomentumState, data=None):
@@ -573,7 +630,8 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
     upper_batch, sampler = _data.sample(state.sampler, data, "upper")
     lower_batch, sampler = _data.sample(sampler, data, "lower")
     current, upper_loss, lower_gap = penalty_oracles(
-        problem, state.x, state.y, state.z, upper_batch, lower_batch)
+        problem, state.x, state.y_penalized, state.y, upper_batch,
+        lower_batch)
     before, _, _ = penalty_oracles(problem, *state.previous, upper_batch,
                                    lower_batch)
     # At the first step there is no previous estimate: d_0 = o(w_0).
@@ -581,23 +639,27 @@ def penalty_momentum(problem: Problem, *, upper_optimizer: Any = 0.1,
     estimates = jax.tree.map(
         lambda d, old, prev: (d + keep * (old - prev)).astype(d.dtype),
         current, state.estimates, before)
-    h_x, h_y, h_z = penalty_directions(estimates, weight)
+    h_x, h_y_penalized, h_y = penalty_directions(estimates, weight)
     x, upper_opt_state = _base.update_x(problem, upper_optimizer, h_x,
                                         state.upper_opt_state, state.x)
+    penalized_updates, y_penalized_opt_state = lower_optimizer.update(
+        h_y_penalized, state.y_penalized_opt_state, state.y_penalized)
     y_updates, y_opt_state = lower_optimizer.update(h_y, state.y_opt_state,
                                                     state.y)
-    z_updates, z_opt_state = lower_optimizer.update(h_z, state.z_opt_state,
-                                                    state.z)
+    y_penalized = problem.projected_y(
+        optax.apply_updates(state.y_penalized, penalized_updates))
     y = problem.projected_y(optax.apply_updates(state.y, y_updates))
-    z = problem.projected_y(optax.apply_updates(state.z, z_updates))
     info = PenaltyInfo(
         upper_loss=upper_loss,
-        lower_grad_norm=optax.tree.norm(current.lower_y_at_z),
+        lower_grad_norm=optax.tree.norm(current.lower_y_at_y),
         hypergradient_norm=optax.tree.norm(h_x),
         penalty=jnp.asarray(weight, upper_loss.dtype), lower_gap=lower_gap)
     return PenaltyMomentumState(
-        x, y, z, (state.x, state.y, state.z), estimates, upper_opt_state,
-        y_opt_state, z_opt_state, sampler, state.num_steps + 1), info
+        x=x, y=y, y_penalized=y_penalized,
+        previous=(state.x, state.y_penalized, state.y), estimates=estimates,
+        upper_opt_state=upper_opt_state, y_opt_state=y_opt_state,
+        y_penalized_opt_state=y_penalized_opt_state, sampler=sampler,
+        num_steps=state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(upper_grads=2, lower_grads=4, hvps=0,
                                    cross_products=0)
