@@ -83,8 +83,8 @@ def main():
   many = bilevel.run(solver, x0, y0, sharded_data,
                      state_sharding=bilevel.sharding.fsdp(mesh), **kwargs)
   report["scalebio_difference"] = _max_difference(
-      (one.state.x, one.state.y, one.state.z),
-      (many.state.x, many.state.y, many.state.z))
+      (one.state.x, one.state.y, one.state.y_penalized),
+      (many.state.x, many.state.y, many.state.y_penalized))
   report["scalebio_history_difference"] = _max_difference(
       (one.history.upper_loss, one.history.weights),
       (many.history.upper_loss, many.history.weights))
@@ -92,7 +92,7 @@ def main():
       "layers"]["w"])))
   report["layer_spec"] = str(many.state.y["layers"]["w"].sharding.spec)
   report["moment_spec"] = str(
-      many.state.lower_opt_state[0].block_state[0].mu["layers"]["w"]
+      many.state.y_penalized_opt_state[0].block_state[0].mu["layers"]["w"]
       .sharding.spec)
   report["logits_spec"] = str(many.state.x.sharding.spec)
   one_bytes = bilevel.sharding.bytes_per_device(one.state)

@@ -83,21 +83,21 @@ def test_one_step_by_hand():
   step = jax.jit(solver.step)
   # Take a first step so that u != w, then check the second by hand.
   state, _ = step(state, data)
-  x, y, z = state.x, state.y, state.z
+  x, u, w = state.x, state.y, state.y_penalized
   lower_batch, sampler = bilevel._data.sample(state.sampler, data, "lower")
   upper_batch, _ = bilevel._data.sample(sampler, data, "upper")
-  gx_z, gz = jax.grad(problem.lower, (0, 1))(x, z, lower_batch)
-  gx_y, gy = jax.grad(problem.lower, (0, 1))(x, y, lower_batch)
-  fx, fy = jax.grad(problem.upper, (0, 1))(x, y, upper_batch)
+  gx_u, gu = jax.grad(problem.lower, (0, 1))(x, u, lower_batch)
+  gx_w, gw = jax.grad(problem.lower, (0, 1))(x, w, lower_batch)
+  fx, fw = jax.grad(problem.upper, (0, 1))(x, w, upper_batch)
   new, info = step(state, data)
-  np.testing.assert_allclose(new.z, z - eta_u * alpha * gz, rtol=1e-12)
-  np.testing.assert_allclose(new.y, y - eta_w * (fy + alpha * gy),
+  np.testing.assert_allclose(new.y, u - eta_u * alpha * gu, rtol=1e-12)
+  np.testing.assert_allclose(new.y_penalized, w - eta_w * (fw + alpha * gw),
                              rtol=1e-12)
-  np.testing.assert_allclose(new.x, x - eta_x * (fx + alpha * (gx_y - gx_z)),
+  np.testing.assert_allclose(new.x, x - eta_x * (fx + alpha * (gx_w - gx_u)),
                              rtol=1e-12)
   np.testing.assert_allclose(info.lower_gap,
-                             problem.lower(x, y, lower_batch)
-                             - problem.lower(x, z, lower_batch), rtol=1e-12)
+                             problem.lower(x, w, lower_batch)
+                             - problem.lower(x, u, lower_batch), rtol=1e-12)
   np.testing.assert_allclose(info.weights, jax.nn.softmax(new.x), rtol=1e-12)
   assert float(info.penalty) == alpha
 
@@ -117,7 +117,7 @@ def test_direction_tends_to_the_hypergradient_like_one_over_alpha():
     solver = bilevel.solvers.scalebio(problem, upper_optimizer=1.0,
                                       lower_optimizer=1.0, penalty=alpha)
     state = solver.init(x, jnp.asarray(w_alpha), data=bilevel.Data(
-        upper=val, lower=train))._replace(z=jnp.asarray(w_star))
+        upper=val, lower=train))._replace(y=jnp.asarray(w_star))
     new, _ = solver.step(state, bilevel.Data(upper=val, lower=train))
     errors.append(float(jnp.linalg.norm((x - new.x) - exact)))
   # O(1/alpha): ten times alpha, about a tenth of the error.
@@ -261,22 +261,22 @@ def test_scalebio_draws_lisa_blocks_independently_for_u_and_w():
   solver = bilevel.solvers.scalebio(
       bilevel.Problem(upper, lower), lower_optimizer=lisa.lisa_adamw(
           0.01, blocks="layers", num_active=2, period=1))
-  draws = {"y": [], "z": []}
+  draws = {"w": [], "u": []}
   state = solver.init(jnp.zeros(1), params, key=jax.random.key(0))
   step = jax.jit(solver.step)
   for _ in range(6):
     state, _ = step(state)
-    draws["y"].append(tuple(np.asarray(
-        lisa.active_blocks(state.lower_opt_state)[0])))
-    draws["z"].append(tuple(np.asarray(
-        lisa.active_blocks(state.z_opt_state)[0])))
-  assert draws["y"] != draws["z"]
-  # Frozen blocks of w did not move at the last step.
-  before = state.y
+    draws["w"].append(tuple(np.asarray(
+        lisa.active_blocks(state.y_penalized_opt_state)[0])))
+    draws["u"].append(tuple(np.asarray(
+        lisa.active_blocks(state.y_opt_state)[0])))
+  assert draws["w"] != draws["u"]
+  # Frozen blocks of w (y_penalized) did not move at the last step.
+  before = state.y_penalized
   after, _ = step(state)
-  moved = np.asarray(jnp.any(after.y["layers"]["w"] != before["layers"]["w"],
-                             axis=(1, 2)))
-  active = np.asarray(lisa.active_blocks(after.lower_opt_state)[0])
+  moved = np.asarray(jnp.any(
+      after.y_penalized["layers"]["w"] != before["layers"]["w"], axis=(1, 2)))
+  active = np.asarray(lisa.active_blocks(after.y_penalized_opt_state)[0])
   assert set(np.flatnonzero(moved)) == set(active.tolist())
 
 

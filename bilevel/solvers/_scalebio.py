@@ -11,7 +11,10 @@ value-function penalty
 
 where :math:`u` tracks :math:`\arg\min_u L_2(u, \lambda)` and :math:`\alpha`
 is the penalty. In the library's names: ``x`` is :math:`\lambda`, ``y`` is
-:math:`w`, ``z`` is :math:`u`, ``f = L_1`` and ``g = L_2``. For data
+:math:`u` (the model of the lower problem alone, which never sees the
+validation data: ``result.y``), ``y_penalized`` is :math:`w` (the model
+trained on the penalised objective, validation loss included:
+``result.y_penalized``), ``f = L_1`` and ``g = L_2``. For data
 reweighting, :math:`\lambda` holds the logits of the source weights
 :math:`p = \mathrm{softmax}(\lambda)` and ``g`` is
 :func:`bilevel.reweighting.source_weighted_loss` (the per-batch, per-source
@@ -31,9 +34,11 @@ point and the three updates simultaneous (as the official code):
    w_{t+1} = w_t + \mathrm{opt}_w(d_w), \quad
    \lambda_{t+1} = \lambda_t + \mathrm{opt}_\lambda(d_\lambda),
 
-each ``opt`` an optax optimizer (AdamW by default, as the paper). ``u`` and
-``w`` see the **same** batch :math:`B`: :math:`d_\lambda` is a difference of
-two gradients, and common samples keep its variance small. One backward pass
+each ``opt`` an optax optimizer (AdamW by default, as the paper;
+:math:`\mathrm{opt}_w` is ``lower_optimizer``, :math:`\mathrm{opt}_u` is
+``z_optimizer``). ``u`` and ``w`` see the **same** batch :math:`B`:
+:math:`d_\lambda` is a difference of two gradients, and common samples keep
+its variance small. One backward pass
 of ``g`` at ``w`` gives both :math:`\nabla_w L_2` and :math:`\nabla_\lambda
 L_2` (likewise at ``u``): a step costs ``1 Gf + 2 Gg``, no second
 derivatives, and two copies of the model.
@@ -67,7 +72,9 @@ their active blocks are drawn independently, as in the paper.
 **Output.** The learned weights :math:`p = \mathrm{softmax}(\lambda)` (in
 ``ScaleBiOInfo.weights``); the paper's gains come from a second training run
 on data resampled with :math:`p` (:func:`bilevel.reweighting.resample`), not
-from :math:`w` itself.
+from :math:`w` itself, which has trained on the validation data through
+:math:`L_1` (evaluate :math:`u`, ``result.y``, if a model of this run is
+wanted).
 
 **Bias.** ScaleBiO minimises the value-function penalty with weight alpha;
 for a mu-strongly convex lower level its minimiser is O(1/(alpha mu)) away
@@ -111,19 +118,22 @@ class ScaleBiOState(NamedTuple):
 
   Attributes:
     x: :math:`\\lambda` (the logits of the source weights).
-    y: :math:`w`, the model trained on the penalised objective.
-    z: :math:`u`, the model that tracks :math:`\\arg\\min L_2`.
-    upper_opt_state, lower_opt_state, z_opt_state: the optimizer states of
-      ``x``, ``y`` and ``z``.
+    y: :math:`u`, the model that tracks :math:`\\arg\\min L_2` (trained on
+      the weighted training loss alone; ``result.y``).
+    y_penalized: :math:`w`, the model trained on the penalised objective
+      :math:`L_1 + \\alpha L_2` (``result.y_penalized``).
+    upper_opt_state, y_opt_state, y_penalized_opt_state: the optimizer
+      states of ``x`` (``upper_optimizer``), ``y`` (``z_optimizer``) and
+      ``y_penalized`` (``lower_optimizer``).
     sampler: minibatch sampler.
     num_steps: steps taken.
   """
   x: PyTree
   y: PyTree
-  z: PyTree
+  y_penalized: PyTree
   upper_opt_state: PyTree
-  lower_opt_state: PyTree
-  z_opt_state: PyTree
+  y_opt_state: PyTree
+  y_penalized_opt_state: PyTree
   sampler: _data.SamplerState
   num_steps: jax.Array
 
@@ -131,7 +141,7 @@ class ScaleBiOState(NamedTuple):
 class ScaleBiOInfo(NamedTuple):
   """Diagnostics of one :func:`scalebio` step (on that step's batches).
 
-  Attributes:
+  Attributes (:math:`w` is ``y_penalized``, :math:`u` is ``y``):
     upper_loss: :math:`L_1(w_t; V)`.
     lower_loss: :math:`L_2(w_t, \\lambda_t; B)`.
     lower_gap: :math:`L_2(w_t) - L_2(u_t)` on ``B`` (the penalty's argument).
@@ -162,6 +172,15 @@ def scalebio(problem: Problem, *, upper_optimizer: Any = None,
              penalty: Any = 10.0) -> _base.BilevelSolver:
   r"""ScaleBiO (see the module docstring for the update rule).
 
+  **Which y to use.** ``y`` (:math:`u`; ``state.y``, ``result.y``) descends
+  :math:`L_2` alone and never saw the validation data: it is the model to
+  evaluate or deploy. ``y_penalized`` (:math:`w`; ``state.y_penalized``,
+  ``result.y_penalized``) descends :math:`L_1 + \alpha L_2`, so it has
+  trained on the validation data; it approaches the optimistic lower
+  solution (the minimiser of :math:`L_2` best for :math:`L_1`) as
+  :math:`\alpha` grows, the one to report when the lower solutions are not
+  unique. ``init(x, y0)`` starts both at ``y0``.
+
   Args:
     problem: the bilevel problem; ``x`` the upper variable (the logits
       :math:`\lambda` for data reweighting), ``f`` the validation loss
@@ -169,12 +188,14 @@ def scalebio(problem: Problem, *, upper_optimizer: Any = None,
     upper_optimizer: optax optimizer, step size or schedule for
       :math:`\lambda`; default ``optax.adamw(1e-2, weight_decay=0.0)`` (the
       paper's step size).
-    lower_optimizer: the same for :math:`w`; default ``optax.adamw(1e-3,
+    lower_optimizer: the same for :math:`w` (``y_penalized``); default
+      ``optax.adamw(1e-3,
       weight_decay=5e-4)`` (the code's weight decay; its step size 1e-5 is
       for fine-tuning pretrained LLMs, 1e-3 suits the small models trained
       from scratch here). A :mod:`bilevel.lisa` optimizer enables LISA.
-    z_optimizer: the same for :math:`u`; default: ``lower_optimizer`` (its
-      own state, and with LISA its own key).
+    z_optimizer: the same for :math:`u` (``y``; the argument keeps the
+      name of the iterate's former field ``z``); default:
+      ``lower_optimizer`` (its own state, and with LISA its own key).
     penalty: :math:`\alpha_t`, a positive number or a schedule of the step
       (the paper multiplies it by :math:`\tau` per outer epoch, with
       :math:`\tau = 1` in every script); default 10 (the GPT-2 demo).
@@ -199,47 +220,51 @@ def scalebio(problem: Problem, *, upper_optimizer: Any = None,
     lisa_key = jax.random.fold_in(
         jax.random.key(0) if key is None else key, _LISA_SALT)
     return ScaleBiOState(
-        x=x, y=y, z=y, upper_opt_state=upper_optimizer.init(x),
-        lower_opt_state=lisa.reseed(lower_optimizer.init(y),
-                                    jax.random.fold_in(lisa_key, 0)),
-        z_opt_state=lisa.reseed(z_optimizer.init(y),
+        x=x, y=y, y_penalized=y, upper_opt_state=upper_optimizer.init(x),
+        y_opt_state=lisa.reseed(z_optimizer.init(y),
                                 jax.random.fold_in(lisa_key, 1)),
+        y_penalized_opt_state=lisa.reseed(lower_optimizer.init(y),
+                                          jax.random.fold_in(lisa_key, 0)),
         sampler=sampler, num_steps=jnp.zeros((), jnp.int32))
 
   def step(state: ScaleBiOState, data=None):
     _base.check_step_data(state.sampler, data)
-    x, y, z = state.x, state.y, state.z
+    # u is y, w is y_penalized.
+    x, y, y_penalized = state.x, state.y, state.y_penalized
     alpha = penalty_fn(state.num_steps)
     lower_batch, sampler = _data.sample(state.sampler, data, "lower")
     upper_batch, sampler = _data.sample(sampler, data, "upper")
     # One backward pass each: L2 at u and at w (same batch B), L1 at w.
-    lower_at_z, (gx_z, gz_z) = jax.value_and_grad(problem.lower, (0, 1))(
-        x, z, lower_batch)
     lower_at_y, (gx_y, gy_y) = jax.value_and_grad(problem.lower, (0, 1))(
         x, y, lower_batch)
+    lower_at_penalized, (gx_penalized, gy_penalized) = jax.value_and_grad(
+        problem.lower, (0, 1))(x, y_penalized, lower_batch)
     upper_loss, (fx, fy) = jax.value_and_grad(problem.upper, (0, 1))(
-        x, y, upper_batch)
-    d_z = jax.tree.map(lambda g: (alpha * g).astype(g.dtype), gz_z)
-    d_y = jax.tree.map(lambda f, g: (f + alpha * g).astype(f.dtype), fy,
-                       gy_y)
+        x, y_penalized, upper_batch)
+    d_y = jax.tree.map(lambda g: (alpha * g).astype(g.dtype), gy_y)
+    d_penalized = jax.tree.map(lambda f, g: (f + alpha * g).astype(f.dtype),
+                               fy, gy_penalized)
     d_x = jax.tree.map(lambda f, a, b: (f + alpha * (a - b)).astype(f.dtype),
-                       fx, gx_y, gx_z)
-    z_updates, z_opt_state = z_optimizer.update(d_z, state.z_opt_state, z)
-    y_updates, lower_opt_state = lower_optimizer.update(
-        d_y, state.lower_opt_state, y)
-    z = problem.projected_y(optax.apply_updates(z, z_updates))
+                       fx, gx_penalized, gx_y)
+    y_updates, y_opt_state = z_optimizer.update(d_y, state.y_opt_state, y)
+    penalized_updates, y_penalized_opt_state = lower_optimizer.update(
+        d_penalized, state.y_penalized_opt_state, y_penalized)
     y = problem.projected_y(optax.apply_updates(y, y_updates))
+    y_penalized = problem.projected_y(
+        optax.apply_updates(y_penalized, penalized_updates))
     x, upper_opt_state = _base.update_x(problem, upper_optimizer, d_x,
                                         state.upper_opt_state, x)
     info = ScaleBiOInfo(
-        upper_loss=upper_loss, lower_loss=lower_at_y,
-        lower_gap=lower_at_y - lower_at_z,
-        lower_grad_norm=optax.tree.norm(gz_z),
+        upper_loss=upper_loss, lower_loss=lower_at_penalized,
+        lower_gap=lower_at_penalized - lower_at_y,
+        lower_grad_norm=optax.tree.norm(gy_y),
         hypergradient_norm=optax.tree.norm(d_x),
         penalty=jnp.asarray(alpha, upper_loss.dtype),
         weights=_weights(x, upper_loss.dtype))
-    return ScaleBiOState(x, y, z, upper_opt_state, lower_opt_state,
-                         z_opt_state, sampler, state.num_steps + 1), info
+    return ScaleBiOState(
+        x=x, y=y, y_penalized=y_penalized, upper_opt_state=upper_opt_state,
+        y_opt_state=y_opt_state, y_penalized_opt_state=y_penalized_opt_state,
+        sampler=sampler, num_steps=state.num_steps + 1), info
 
   oracle_calls = _base.OracleCalls(upper_grads=1, lower_grads=2, hvps=0,
                                    cross_products=0)

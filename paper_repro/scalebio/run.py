@@ -95,7 +95,11 @@ def learn_weights(task, blocks, *, num_steps, use_lisa, key):
   every = max(1, num_steps // 50)
   return {"weights": weights[-1].tolist(),
           "path": weights[::every].tolist(), "seconds": seconds,
-          "model": {k: float(v) for k, v in task.evaluate(result.y).items()}}
+          # u (result.y) trained on the weighted training loss alone; w
+          # (result.y_penalized) on L1 + alpha L2, the validation set too.
+          "model": {k: float(v) for k, v in task.evaluate(result.y).items()},
+          "model_penalized": {k: float(v) for k, v in task.evaluate(
+              result.y_penalized).items()}}
 
 
 def fresh_trainer(task, *, learning_rate=3e-3):
@@ -226,8 +230,9 @@ def memory_setting(opts, quick: bool) -> dict:
     plan = jax.jit(solver.step).lower(state, task.data).compile(
     ).memory_analysis()
     rows[name] = {
-        "models": _nbytes((state.y, state.z)),
-        "optimizer": _nbytes((state.lower_opt_state, state.z_opt_state)),
+        "models": _nbytes((state.y, state.y_penalized)),
+        "optimizer": _nbytes((state.y_opt_state,
+                              state.y_penalized_opt_state)),
         "state": _nbytes(state),
         "temporaries": int(plan.temp_size_in_bytes),
         "peak": int(plan.argument_size_in_bytes + plan.output_size_in_bytes
@@ -266,18 +271,20 @@ def sharding_child() -> dict:
       "devices": jax.device_count(),
       "relative_difference": {
           "x": relative(one.state.x, many.state.x),
-          "y": relative(one.state.y, many.state.y),
-          "z": relative(one.state.z, many.state.z)},
+          "y_penalized": relative(one.state.y_penalized,
+                                  many.state.y_penalized),
+          "y": relative(one.state.y, many.state.y)},
       "weights_one": np.asarray(one.history.weights[-1]).tolist(),
       "weights_many": np.asarray(many.history.weights[-1]).tolist(),
-      "models_bytes": {"one": per_device((one.state.y, one.state.z)),
+      "models_bytes": {"one": per_device((one.state.y,
+                                          one.state.y_penalized)),
                        "per_device": per_device((many.state.y,
-                                                 many.state.z))},
+                                                 many.state.y_penalized))},
       "optimizer_bytes": {
-          "one": per_device((one.state.lower_opt_state,
-                             one.state.z_opt_state)),
-          "per_device": per_device((many.state.lower_opt_state,
-                                    many.state.z_opt_state))}}
+          "one": per_device((one.state.y_opt_state,
+                             one.state.y_penalized_opt_state)),
+          "per_device": per_device((many.state.y_opt_state,
+                                    many.state.y_penalized_opt_state))}}
 
 
 def sharding_setting(opts) -> dict:
@@ -316,17 +323,18 @@ def overhead_setting(opts, quick: bool) -> dict:
   @jax.jit
   def oracles(state):
     def body(carry, _):
-      x, y, z, sampler = carry
+      # u is y, w is y_penalized.
+      x, w, u, sampler = carry
       lower_batch, sampler = bilevel._data.sample(sampler, data, "lower")  # pylint: disable=protected-access
       upper_batch, sampler = bilevel._data.sample(sampler, data, "upper")  # pylint: disable=protected-access
-      _, (_, gz) = lower_grads(x, z, lower_batch)
-      _, (gx, gy) = lower_grads(x, y, lower_batch)
-      _, (fx, fy) = upper_grads(x, y, upper_batch)
+      _, (_, gu) = lower_grads(x, u, lower_batch)
+      _, (gx, gw) = lower_grads(x, w, lower_batch)
+      _, (fx, fw) = upper_grads(x, w, upper_batch)
       # Use every output, 1e-6 of it, so that XLA keeps every call.
-      nudge = lambda a, b: jax.tree.map(lambda u, v: u - 1e-6 * v, a, b)
-      return (nudge(x, jax.tree.map(jnp.add, gx, fx)), nudge(y, fy),
-              nudge(z, jax.tree.map(jnp.add, gz, gy)), sampler), None
-    carry = (state.x, state.y, state.z, state.sampler)
+      nudge = lambda a, b: jax.tree.map(lambda p, q: p - 1e-6 * q, a, b)
+      return (nudge(x, jax.tree.map(jnp.add, gx, fx)), nudge(w, fw),
+              nudge(u, jax.tree.map(jnp.add, gu, gw)), sampler), None
+    carry = (state.x, state.y_penalized, state.y, state.sampler)
     return jax.lax.scan(body, carry, None, length=num_steps)[0]
 
   step_ms, oracle_ms = step_and_oracle_ms(steps, oracles, state, num_steps,
@@ -373,16 +381,20 @@ def _table(setting, result) -> list[str]:
   fractions = [run["retrained"]["loss filter"]["fraction"] for run in runs]
   lines += ["", f"Loss filter: fraction dropped per seed {fractions}.", ""]
   sources = runs[0]["source_names"]
-  lines += ["Learned weights p (mean over seeds) and ScaleBiO's own model "
-            "w:", "", "| method | " + " | ".join(sources)
-            + f" | seconds | w {metric} |",
-            "| --- " * (len(sources) + 3) + "|"]
+  lines += ["Learned weights p (mean over seeds) and ScaleBiO's own models: "
+            "u (`result.y`, trained on the weighted training loss only) and "
+            "w (`result.y_penalized`, trained on L1 + alpha L2, so on the "
+            "validation set too):", "", "| method | " + " | ".join(sources)
+            + f" | seconds | u {metric} | w {metric} |",
+            "| --- " * (len(sources) + 4) + "|"]
   for name in runs[0]["learned"]:
     weights = np.mean([run["learned"][name]["weights"] for run in runs], 0)
     seconds = np.mean([run["learned"][name]["seconds"] for run in runs])
-    model = np.mean([run["learned"][name]["model"][metric] for run in runs])
+    model, penalized = (np.mean([run["learned"][name][key][metric]
+                                 for run in runs])
+                        for key in ("model", "model_penalized"))
     lines.append(f"| {name} | " + " | ".join(f"{w:.3f}" for w in weights)
-                 + f" | {seconds:.1f} | {model:.4f} |")
+                 + f" | {seconds:.1f} | {model:.4f} | {penalized:.4f} |")
   return lines + [""]
 
 
@@ -408,7 +420,8 @@ def write_report(out, results, seconds):
     report = results["sharding"]
     lines += ["### sharding: 1 against 8 host devices (data parallel + "
               "FSDP), 20 steps, float32", "",
-              f"Largest relative difference of the final x, y, z: "
+              f"Largest relative difference of the final x, w "
+              f"(y_penalized) and u (y): "
               f"{report['relative_difference']}. Bytes per device: models "
               f"{report['models_bytes']}, optimizer states "
               f"{report['optimizer_bytes']}.", ""]
