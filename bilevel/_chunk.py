@@ -50,11 +50,23 @@ def resumed_health(initial_state, first_info, first_bad: int) -> Health:
     first_info: the ``info`` of the run's first step (from its history).
     first_bad: the restored index of the first bad step (``-1``: none).
   """
-  return Health(jnp.asarray(first_bad, jnp.int32),
-                _divergence.magnitudes(
-                    _divergence.state_growth_leaves(initial_state)),
-                _divergence.info_scales_of(_divergence.magnitudes(
-                    _divergence.info_growth_leaves(first_info))))
+  health = Health(jnp.asarray(first_bad, jnp.int32),
+                  _divergence.magnitudes(
+                      _divergence.state_growth_leaves(initial_state)),
+                  _divergence.info_scales_of(_divergence.magnitudes(
+                      _divergence.info_growth_leaves(first_info))))
+  return uncommitted(health)
+
+
+def uncommitted(health: Health) -> Health:
+  """``health`` through the host, as uncommitted arrays.
+
+  The run keeps the health uncommitted from chunk to chunk (34 numbers),
+  like :func:`start_health`'s: the compiled chunk's dispatch cache then sees
+  one signature whether the state is committed (restored from a checkpoint,
+  or placed on devices) or not.
+  """
+  return Health(*(jnp.asarray(jax.device_get(leaf)) for leaf in health))
 
 
 class StateShardings:

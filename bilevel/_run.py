@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bilevel import _chunk, _divergence, _sweep
+from bilevel import _chunk, _divergence, _identity, _sweep
 from bilevel import checkpoint as checkpoint_lib
 from bilevel._base import BilevelSolver
 from bilevel._divergence import DivergenceError
@@ -96,6 +96,13 @@ class RunResult(NamedTuple):
 
 def _is_traced(tree: PyTree) -> bool:
   return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _holds_tracers(solver: BilevelSolver) -> bool:
+  """Whether ``solver`` closes over tracers (built inside ``jit``/``vmap``)."""
+  tracers = []
+  _identity.digest(solver, tracers=tracers)
+  return bool(tracers)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -314,7 +321,8 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
   elif not _is_traced((state, data)):
     _check_state(solver, state, data)
 
-  if _is_traced((state, data)):
+  if _is_traced((state, data)) or (checkpoint_dir is not None and
+                                    _holds_tracers(solver)):
     return _traced(solver, state, data, num_steps, on_divergence, limits,
                    checkpoint_dir, steps_per_chunk, checkpoint_every,
                    max_checkpoints, key)
@@ -394,6 +402,7 @@ def run(solver: BilevelSolver, x0: PyTree, y0: PyTree, data=None, *,
         timed_steps += active
       infos = infos if active == length else jax.tree.map(
           lambda a, n=active: a[:n], infos)
+      health = _chunk.uncommitted(health)
       first_bad = int(health.first_bad)
       if first_bad >= done and divergence_step is None:
         relative = first_bad - done

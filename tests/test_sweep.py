@@ -128,3 +128,22 @@ def test_sweep_killed_mid_run_resumes_bit_identically(tmp_path):
   _assert_identical(_sweep(instance, num_steps, directory),
                     _sweep(instance, num_steps))
   assert not list(directory.glob("member-*/*.tmp"))
+
+
+def test_sweep_over_step_sizes_alone(tmp_path):
+  # Only the solver is traced (x0, y0 and the key are concrete): the run
+  # still goes through the sweep's callbacks.
+  instance = _instance()
+
+  def sweep(num_steps, directory=None):
+    def member(step_size):
+      solver = bilevel.solvers.soba(instance.problem,
+                                    upper_optimizer=step_size)
+      return bilevel.run(solver, instance.x0, instance.y0, instance.data,
+                         key=jax.random.key(0), num_steps=num_steps,
+                         steps_per_chunk=10, checkpoint_dir=directory).x
+    return jax.vmap(member)(STEP_SIZES[:2])
+
+  sweep(20, tmp_path)
+  assert len(list(tmp_path.glob("member-*/step-000000000020.npz"))) == 2
+  np.testing.assert_array_equal(sweep(40, tmp_path), sweep(40))
