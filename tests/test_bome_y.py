@@ -15,6 +15,7 @@ import optax
 
 import bilevel
 import problems
+from tests.conformance.label_shift import shifted_validation_labels
 
 
 def _relative(a, b):
@@ -68,10 +69,7 @@ def test_y_never_sees_the_validation_labels():
   instance = problems.hyper_cleaning(jax.random.key(0), batch_size=64)
   x0 = instance.x0
   problem = dataclasses.replace(instance.problem, project_x=lambda x: x0)
-  labels = instance.data.upper["labels"]
-  shifted = dataclasses.replace(
-      instance.data, upper={**instance.data.upper,
-                            "labels": (labels + 1) % 10})
+  shifted = shifted_validation_labels(instance.data)
   solver = bilevel.solvers.bome(problem, step_size=0.5)
   runs = [bilevel.run(solver, x0, instance.y0, data, num_steps=200,
                       key=jax.random.key(1))

@@ -16,6 +16,7 @@ import bilevel
 from bilevel import constraints, projections
 from bilevel.solvers._lvhba import OFFICIAL_SETTINGS
 import problems
+from tests.conformance.label_shift import shifted_validation_labels
 from problems import constrained
 
 # The settings of paper_repro/lvhba for the SVM problems, with the paper's
@@ -733,10 +734,7 @@ def test_lvhba_y_never_sees_the_validation_labels():
   instance = problems.hyper_cleaning(jax.random.key(0), batch_size=64)
   x0 = instance.x0
   problem = dataclasses.replace(instance.problem, project_x=lambda x: x0)
-  labels = instance.data.upper["labels"]
-  shifted = dataclasses.replace(
-      instance.data, upper={**instance.data.upper,
-                            "labels": (labels + 1) % 10})
+  shifted = shifted_validation_labels(instance.data)
   solver = bilevel.solvers.lvhba(problem)
   runs = [bilevel.run(solver, x0, instance.y0, data, num_steps=300,
                       key=jax.random.key(1))
