@@ -15,7 +15,8 @@ import optax
 
 import bilevel
 import problems
-from tests.conformance.label_shift import shifted_validation_labels
+from tests.conformance.y_meaning import (flat_lower_problem,
+                                         shifted_validation_labels)
 
 
 def _relative(a, b):
@@ -117,18 +118,10 @@ def test_y_converges_to_the_lower_solution():
 
 
 def test_nonunique_lower_solutions():
-  # g = (y1 - x)^2 / 2 is flat in y2; f = (y2 - 1)^2 / 2 + x^2 / 2. The
-  # lower solutions are {y1 = x}, the optimistic one y2 = 1, x* = 0.
-  def upper(x, y, batch):
-    del batch
-    return 0.5 * (y[1] - 1.0) ** 2 + 0.5 * x ** 2
-
-  def lower(x, y, batch):
-    del batch
-    return 0.5 * (y[0] - x) ** 2
-
+  # g flat in y2 (tests/conformance/y_meaning.py): lower solutions
+  # {y1 = x}, the optimistic one y2 = 1, x* = 0.
   x0, y0 = jnp.asarray(1.0), jnp.array([0.5, -0.5])
-  solver = bilevel.solvers.bome(bilevel.Problem(upper, lower))
+  solver = bilevel.solvers.bome(flat_lower_problem())
   result = bilevel.run(solver, x0, y0, num_steps=2000)
   assert abs(float(result.x)) < 1e-8
   # y_penalized reaches the optimistic solution ...

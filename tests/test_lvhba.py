@@ -16,7 +16,8 @@ import bilevel
 from bilevel import constraints, projections
 from bilevel.solvers._lvhba import OFFICIAL_SETTINGS
 import problems
-from tests.conformance.label_shift import shifted_validation_labels
+from tests.conformance.y_meaning import (flat_lower_problem,
+                                         shifted_validation_labels)
 from problems import constrained
 
 # The settings of paper_repro/lvhba for the SVM problems, with the paper's
@@ -777,17 +778,9 @@ def test_lvhba_y_converges_to_the_lower_solution():
 
 
 def test_lvhba_nonunique_lower_solutions():
-  # g = (y1 - x)^2 / 2 is flat in y2; F = (y2 - 1)^2 / 2 + x^2 / 2: lower
-  # solutions {y1 = x}, the optimistic one y2 = 1, x* = 0.
-  def upper(x, y, batch):
-    del batch
-    return 0.5 * (y[1] - 1.0) ** 2 + 0.5 * x ** 2
-
-  def lower(x, y, batch):
-    del batch
-    return 0.5 * (y[0] - x) ** 2
-
-  solver = bilevel.solvers.lvhba(bilevel.Problem(upper, lower))
+  # g flat in y2 (tests/conformance/y_meaning.py): lower solutions
+  # {y1 = x}, the optimistic one y2 = 1, x* = 0.
+  solver = bilevel.solvers.lvhba(flat_lower_problem())
   result = bilevel.run(solver, jnp.asarray(1.0), jnp.array([0.5, -0.5]),
                        num_steps=20_000)
   # Measured: x 1.5e-14, y_penalized (1.5e-14, 1.0).

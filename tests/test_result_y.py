@@ -18,7 +18,7 @@ import pytest
 
 import bilevel
 import problems
-from tests.conformance.label_shift import shifted_validation_labels
+from tests.conformance.y_meaning import shifted_validation_labels
 
 SOLVERS = ("penalty", "penalty_momentum", "f2sa", "scalebio")
 
