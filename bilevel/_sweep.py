@@ -34,7 +34,6 @@ the others go on. The directory is read when the run is traced: under
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from bilevel import _chunk, _divergence
+from bilevel import _chunk, _divergence, _identity
 from bilevel import checkpoint as checkpoint_lib
 
 PyTree = Any
@@ -99,9 +98,7 @@ class _Directory:
             f"{str(self.path)!r} does not hold the checkpoints of a sweep "
             "(a run under jax.vmap/jax.jit) written by this version of "
             "bilevel. Use another checkpoint_dir, or delete this one.")
-      differ = [name for name in sorted(set(saved["fingerprint"]) |
-                                        set(shared))
-                if saved["fingerprint"].get(name) != shared.get(name)]
+      differ = checkpoint_lib.differences(saved["fingerprint"], shared)
       if differ:
         raise ValueError(
             f"The checkpoints in {str(self.path)!r} belong to another sweep: "
@@ -184,12 +181,7 @@ class _Directory:
 
 def _member_id(values) -> np.ndarray:
   """SHA-256 of one member's values (an io_callback)."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(values):
-    leaf = np.ascontiguousarray(leaf)
-    digest.update(f"{leaf.dtype}{leaf.shape}".encode())
-    digest.update(leaf.tobytes())
-  return np.frombuffer(digest.digest(), np.uint8)
+  return np.frombuffer(bytes.fromhex(_identity.digest(values)), np.uint8)
 
 
 def run(solver, state, data, *, num_steps: int, key, directory,

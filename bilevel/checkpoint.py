@@ -80,7 +80,8 @@ PyTree = Any
 # 2: a dict of digests, one per part of the run (fingerprint()).
 _FORMAT = 2
 
-__all__ = ["Restored", "RunCheckpointer", "fingerprint", "latest_step",
+__all__ = ["Restored", "RunCheckpointer", "differences", "fingerprint",
+           "latest_step",
            "restore_state"]
 
 
@@ -184,7 +185,7 @@ def fingerprint(initial_state: PyTree, data, *, solver=None, key=None,
   return entries
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
+def differences(saved: dict, current: dict) -> list[str]:
   """Names of the fields of ``saved`` and ``current`` that differ."""
   names = list(current) + [name for name in saved if name not in current]
   differ = [name for name in names if saved.get(name) != current.get(name)]
@@ -292,7 +293,7 @@ class RunCheckpointer:
           "differently: it cannot tell whether the checkpoint belongs to "
           "this run. Use another checkpoint_dir, or delete this one to start "
           "afresh.")
-    differ = _differences(saved, self._fingerprint)
+    differ = differences(saved, self._fingerprint)
     if differ:
       detail = ""
       if "solver" in differ:
